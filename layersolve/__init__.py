@@ -1,0 +1,27 @@
+"""layersolve: solve the layer trace of a deep network as a nonlinear system, in parallel over depth.
+
+    import layersolve as ls
+    system = ls.LayerSystem.from_modules(blocks)
+    sol = ls.solve(system, h0, ls.Newton(jacobian=ls.Identity()), iters=4)
+    sol.trace, sol.result, sol.stats
+
+See DESIGN.md section 1 for the mathematics.
+"""
+
+from ._diagnostics import Result, Solution, SolveError, Stats
+from ._driver import Jacobi, Newton, solve
+from ._guesses import Given, OneStep, Repeat
+from ._recurrence import (ElementwiseMap, IdentityMap, LinearMap, MatrixMap, OperatorMap, ZeroMap,
+                          associative_scan)
+from ._schedule import Parallel, Schedule, Sequential
+from ._system import LayerSystem
+from .jacobians import Diagonal, Exact, Identity, Jacobian, Mixing, Scaled, Step, Zero
+
+__all__ = [
+    "LayerSystem", "solve", "Newton", "Jacobi",
+    "Jacobian", "Step", "Zero", "Identity", "Scaled", "Mixing", "Diagonal", "Exact",
+    "Repeat", "OneStep", "Given",
+    "Schedule", "Sequential", "Parallel",
+    "Result", "Stats", "Solution", "SolveError",
+    "LinearMap", "ZeroMap", "IdentityMap", "ElementwiseMap", "MatrixMap", "OperatorMap", "associative_scan",
+]

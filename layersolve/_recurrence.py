@@ -1,0 +1,217 @@
+"""The linear recurrence across depth, x_l = A_l x_{l-1} + b_l (l = 1..n, x_0 = 0), for structured A.
+
+Every Newton step of the driver is one such recurrence: x = the change of the trace, A_l = J~_l (the surrogate
+Jacobian), b_l = f_l(h_{l-1}^k) - h_l^k (minus the residual). A `LinearMap` holds A_1..A_n for a block of n layers
+in one structure and solves the recurrence two ways:
+
+- `sweep`: forward substitution, n sequential steps (the reference);
+- `scan`: an associative (parallel prefix) scan over depth with the combine
+  (A2, b2) o (A1, b1) = (A2 A1, A2 b1 + b2): ceil(log2 n) rounds of batched work (Hillis-Steele).
+
+Structures: zero, identity (a prefix sum), elementwise (a scalar per layer, or a diagonal), matrix (S x S on one
+state dim, the stream axis of a hyper-connected model; or N x N on the flattened state, the dense DEER case), and
+matrix-free operators (exact JVPs), which can only sweep.
+
+Tensors are stacked on dim 0 over layers: b and x are (n, *S).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+METHODS = ("scan", "sweep")
+
+Pair = tuple[Tensor, Tensor]
+
+
+def associative_scan(combine: Callable[[Sequence[Tensor], Sequence[Tensor]], Sequence[Tensor]],
+                     elems: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Inclusive scan along dim 0: out_l = elems_l o elems_{l-1} o ... o elems_1.
+
+    `combine(later, earlier)` composes two batches of elements (tuples of tensors with equal leading dims) and must
+    be associative. Hillis-Steele: round r combines each element with the one 2^r before it, so the critical path is
+    ceil(log2 n) combines and the work O(n log n), all batched.
+    """
+    elems = tuple(elems)
+    n = elems[0].shape[0]
+    offset = 1
+    while offset < n:
+        later = tuple(e[offset:] for e in elems)
+        earlier = tuple(e[:-offset] for e in elems)
+        combined = combine(later, earlier)
+        elems = tuple(torch.cat([e[:offset], c.expand_as(e[offset:])]) for e, c in zip(elems, combined))
+        offset *= 2
+    return elems
+
+
+class LinearMap:
+    """A_1..A_n for a block of n layers. Subclasses give `apply` (all layers at once), `layer` (one layer), and
+    optionally `_scan`; `solve` dispatches."""
+
+    scannable = True
+
+    def apply(self, x: Tensor) -> Tensor:
+        """(n, *S) -> (n, *S): A_l x_l for every l, in parallel."""
+        raise NotImplementedError
+
+    def layer(self, i: int, v: Tensor) -> Tensor:
+        """A_{i+1} v for one state v of shape S (i is 0-based within the block)."""
+        raise NotImplementedError
+
+    def scaled(self, c: float) -> "LinearMap":
+        """The map c * A (damping uses c = 1 - d)."""
+        raise NotImplementedError
+
+    def solve(self, b: Tensor, method: str = "scan") -> Tensor:
+        """x with x_l = A_l x_{l-1} + b_l, x_0 = 0. b: (n, *S)."""
+        if method == "sweep" or not self.scannable:
+            return self._sweep(b)
+        if method != "scan":
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        return self._scan(b)
+
+    def _sweep(self, b: Tensor) -> Tensor:
+        xs = [b[0]]
+        for i in range(1, b.shape[0]):
+            xs.append(self.layer(i, xs[-1]) + b[i])
+        return torch.stack(xs)
+
+    def _scan(self, b: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ZeroMap(LinearMap):
+    """A_l = 0: x = b (Jacobi)."""
+
+    def apply(self, x):
+        return torch.zeros_like(x)
+
+    def layer(self, i, v):
+        return torch.zeros_like(v)
+
+    def scaled(self, c):
+        return self
+
+    def solve(self, b, method="scan"):
+        return b
+
+
+class IdentityMap(LinearMap):
+    """A_l = I: x is the prefix sum of b (IDN)."""
+
+    def apply(self, x):
+        return x
+
+    def layer(self, i, v):
+        return v
+
+    def scaled(self, c):
+        return ZeroMap() if c == 0 else ElementwiseMap(torch.tensor(float(c), dtype=torch.float64))
+
+    def _scan(self, b):
+        return torch.cumsum(b, dim=0)
+
+
+def _elementwise_combine(later: Pair, earlier: Pair) -> Pair:
+    (a2, b2), (a1, b1) = later, earlier
+    return a2 * a1, a2 * b1 + b2
+
+
+class ElementwiseMap(LinearMap):
+    """A_l = diag(a_l). a: () one scalar for every layer, (n,) a scalar per layer, or (n, *S) a full diagonal.
+    Coefficients are cast to the state's dtype where they meet it."""
+
+    def __init__(self, a: Tensor):
+        self.a = a
+
+    def _per_layer(self, x: Tensor) -> Tensor:
+        a = (self.a if self.a.ndim else self.a.expand(x.shape[0])).to(x.dtype)
+        return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+    def apply(self, x):
+        return self._per_layer(x) * x
+
+    def layer(self, i, v):
+        return self._per_layer(v[None])[0 if self.a.ndim == 0 else i] * v
+
+    def scaled(self, c):
+        return ZeroMap() if c == 0 else ElementwiseMap(self.a * c)
+
+    def _scan(self, b):
+        a = self._per_layer(b)
+        return associative_scan(_elementwise_combine, (a, b))[1]
+
+
+def _matvec(m: Tensor, x: Tensor) -> Tensor:
+    return (m @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def _matrix_combine(later: Pair, earlier: Pair) -> Pair:
+    (m2, b2), (m1, b1) = later, earlier
+    return m2 @ m1, _matvec(m2, b1) + b2
+
+
+class MatrixMap(LinearMap):
+    """A_l = a matrix acting on one state dim (the stream axis), or on the flattened state.
+
+    matrices: (n, S, S) acting on state dim `dim` (0-based, excluding the layer dim), the same for every other
+    index; or (n, *rest, S, S) where `rest` broadcasts against the state's other dims in order (input-dependent
+    mixing, one matrix per token). With dim=None the matrices are (n, N, N) on the flattened state, N = prod(S):
+    the dense Jacobians of DEER.
+    """
+
+    def __init__(self, matrices: Tensor, dim: int | None):
+        self.matrices = matrices
+        self.dim = dim
+
+    def _stream_last(self, x: Tensor) -> Tensor:
+        return x.flatten(1) if self.dim is None else x.movedim(self.dim + 1, -1)
+
+    def _restore(self, y: Tensor, like: Tensor) -> Tensor:
+        return y.reshape(like.shape) if self.dim is None else y.movedim(-1, self.dim + 1)
+
+    def _aligned(self, ndim: int) -> Tensor:
+        """Matrices shaped to broadcast against a stream-last tensor with `ndim` dims."""
+        m = self.matrices
+        missing = ndim + 1 - m.ndim
+        return m.reshape(m.shape[0], *([1] * missing), *m.shape[1:]) if missing > 0 else m
+
+    def apply(self, x):
+        xs = self._stream_last(x)
+        return self._restore(_matvec(self._aligned(xs.ndim).to(x.dtype), xs), x)
+
+    def layer(self, i, v):
+        xs = self._stream_last(v[None])
+        return self._restore(_matvec(self._aligned(xs.ndim)[i:i + 1].to(v.dtype), xs), v[None])[0]
+
+    def scaled(self, c):
+        return ZeroMap() if c == 0 else MatrixMap(self.matrices * c, self.dim)
+
+    def _scan(self, b):
+        bs = self._stream_last(b)
+        m = self._aligned(bs.ndim).to(b.dtype)
+        x = associative_scan(_matrix_combine, (m, bs))[1]
+        return self._restore(x, b)
+
+
+class OperatorMap(LinearMap):
+    """A matrix-free map: `apply_all(x)` gives A_l x_l for all l (one batched evaluation), `apply_one(i, v)` one
+    layer. It has no associative combine (its products are not representable), so it always sweeps."""
+
+    scannable = False
+
+    def __init__(self, apply_all: Callable[[Tensor], Tensor], apply_one: Callable[[int, Tensor], Tensor],
+                 scale: float = 1.0):
+        self._all, self._one, self.scale = apply_all, apply_one, scale
+
+    def apply(self, x):
+        return self.scale * self._all(x)
+
+    def layer(self, i, v):
+        return self.scale * self._one(i, v)
+
+    def scaled(self, c):
+        return ZeroMap() if c == 0 else OperatorMap(self._all, self._one, self.scale * c)

@@ -1,0 +1,105 @@
+"""Shared problem builders and hypothesis strategies.
+
+The problems are well posed on purpose: every block is h -> a_l h + g * tanh(h W_l^T + c_l) with |a_l| <= 1 and
+a small gain g on a normalized W, so each layer's Jacobian is bounded and mildly nonlinear. Finite termination
+holds for any system, but the convergence-rate tests need the surrogate error J - J~ to be small, and float64
+comparisons at 1e-10 need a trace that does not blow up over depth.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+import layersolve as ls
+
+DTYPE = torch.float64
+
+
+def residual_blocks(num_layers: int, width: int, *, seed: int, gain: float = 0.3, scales=None):
+    """Stacked parameters of blocks f_l(h) = a_l h + gain * tanh(h W_l^T + c_l), acting on the last state dim."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(num_layers, width, width, generator=g, dtype=DTYPE) / width ** 0.5
+    c = 0.1 * torch.randn(num_layers, width, generator=g, dtype=DTYPE)
+    a = torch.ones(num_layers, dtype=DTYPE) if scales is None else torch.as_tensor(scales, dtype=DTYPE)
+    return {"w": w, "c": c, "a": a, "gain": torch.full((num_layers,), gain, dtype=DTYPE)}
+
+
+def residual_block(p, h):
+    return p["a"] * h + p["gain"] * torch.tanh(h @ p["w"].T + p["c"])
+
+
+def residual_system(num_layers: int, width: int, *, seed: int, gain: float = 0.3, scales=None) -> ls.LayerSystem:
+    params = residual_blocks(num_layers, width, seed=seed, gain=gain, scales=scales)
+    return ls.LayerSystem.from_function(residual_block, params, scales=params["a"])
+
+
+def doubly_stochastic(num_layers: int, streams: int, *, seed: int) -> torch.Tensor:
+    """Random doubly stochastic matrices (L, S, S) by Sinkhorn on positive entries: well-conditioned mixing like
+    mHC's H_res, with spectral radius 1 so the trace neither explodes nor vanishes over depth."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(num_layers, streams, streams, generator=g, dtype=DTYPE) + 0.1
+    for _ in range(200):
+        m = m / m.sum(-1, keepdim=True)
+        m = m / m.sum(-2, keepdim=True)
+    return m
+
+
+def mixing_system(num_layers: int, streams: int, width: int, *, seed: int, gain: float = 0.05) -> ls.LayerSystem:
+    """f_l(h) = M_l h + gain * tanh(h W_l^T + c_l) on states (S, D): M_l mixes the S streams (dim 0), and the
+    nonlinear branch is small, so Mixing(M) is close to the true Jacobian and Identity is not."""
+    params = residual_blocks(num_layers, width, seed=seed, gain=gain)
+    params["m"] = doubly_stochastic(num_layers, streams, seed=seed + 1)
+
+    def block(p, h):  # h: (S, D)
+        return p["m"] @ h + p["gain"] * torch.tanh(h @ p["w"].T + p["c"])
+
+    return ls.LayerSystem.from_function(block, params, mixing=params["m"], stream_dim=0)
+
+
+def random_state(shape, *, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+@st.composite
+def problems(draw, max_layers: int = 8):
+    """(system, h0): L layers on a state of 1-3 dims whose last dim is the block width; the first dim is a
+    stream axis of a mixing system when one is drawn."""
+    num_layers = draw(st.integers(1, max_layers))
+    width = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**16))
+    if draw(st.booleans()):
+        streams = draw(st.integers(1, 3))
+        system = mixing_system(num_layers, streams, width, seed=seed, gain=draw(st.sampled_from([0.05, 0.5])))
+        shape = (streams, width)
+    else:
+        lead = draw(st.lists(st.integers(1, 3), max_size=1))
+        scales = draw(st.lists(st.floats(0.5, 1.0), min_size=num_layers, max_size=num_layers))
+        system = residual_system(num_layers, width, seed=seed, gain=draw(st.sampled_from([0.3, 1.0])), scales=scales)
+        shape = (*lead, width)
+    return system, random_state(shape, seed=seed + 7)
+
+
+def strategies_for(system: ls.LayerSystem, state: torch.Tensor):
+    """Every Jacobian strategy applicable to the system (Mixing needs a stream axis)."""
+    out = [ls.Zero(), ls.Identity(), ls.Scaled(0.7), ls.Diagonal(), ls.Diagonal(probes=2),
+           ls.Exact(), ls.Exact(method="dense"), ls.Exact(method="krylov")]
+    if system.scales is not None:
+        out.append(ls.Scaled())
+    if system.mixing is not None:
+        out += [ls.Mixing(), ls.Exact(method="krylov", preconditioner=ls.Mixing())]
+    elif state.ndim >= 2:
+        streams = state.shape[0]
+        out.append(ls.Mixing(doubly_stochastic(system.num_layers, streams, seed=3), dim=0))
+    return out
+
+
+INITS = [ls.Repeat(), ls.OneStep(), "given"]
+
+
+def make_init(kind, system, h0, *, seed: int):
+    """Resolve an init drawn from INITS; "given" is a random finite trace near h0."""
+    if kind != "given":
+        return kind
+    noise = random_state((system.num_layers + 1, *h0.shape), seed=seed)
+    return ls.Given(h0 + 0.1 * noise)

@@ -1,0 +1,25 @@
+"""Result, Stats and SolveError as data."""
+
+import pytest
+
+import layersolve as ls
+from helpers import random_state, residual_system
+
+
+def test_results_read_as_messages():
+    assert all(isinstance(r.value, str) and len(r.value) > 20 for r in ls.Result)
+    assert {r for r in ls.Result if r.ok} == {ls.Result.CONVERGED, ls.Result.COMPLETED, ls.Result.FELL_BACK}
+    assert str(ls.Result.DIVERGED).startswith("diverged")
+
+
+def test_summary_and_error_carry_the_stats():
+    system, h0 = residual_system(5, 3, seed=1), random_state((3,), seed=1)
+    sol = ls.solve(system, h0, iters=2, reference=system.sequential(h0))
+    text = sol.stats.summary()
+    assert "iterations=2" in text and "iterate 2: max residual not evaluated" in text and "max error" in text
+    with pytest.raises(ls.SolveError) as info:
+        ls.solve(system, h0, iters=1, tol=1e-14)
+    assert info.value.result is ls.Result.MAX_ITERS
+    assert info.value.stats.iterations == 1
+    assert "MAX_ITERS" in str(info.value) and "iterate 1" in str(info.value)
+    assert sol.output.shape == h0.shape
