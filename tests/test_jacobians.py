@@ -134,3 +134,9 @@ class TestBadStructure:
             ls.solve(self.system, self.h0, ls.Newton(jacobian=ls.Scaled([0.5, 0.5])))
         with pytest.raises(ValueError, match=r"Scaled\(\) without a needs a system with scales"):
             ls.solve(self.system, self.h0, ls.Newton(jacobian=ls.Scaled()))
+
+    def test_input_dependent_mixing_of_the_wrong_size(self):
+        dynamic = ls.LayerSystem(self.system.evaluate, 4, stream_dim=0,
+                                 mixing=lambda layers, inputs: doubly_stochastic(4, 2, seed=0)[layers])
+        with pytest.raises(ValueError, match=r"Mixing: matrices have shape \(4, 2, 2\)"):
+            ls.solve(dynamic, self.h0, ls.Newton(jacobian=ls.Mixing()))

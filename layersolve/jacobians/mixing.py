@@ -34,17 +34,24 @@ class Mixing(Jacobian):
         dim = self._dim(system)
         if not 0 <= dim < state.ndim:
             raise ValueError(f"Mixing: dim={dim} is not a dim of the state (shape {tuple(state.shape)})")
-        streams = state.shape[dim]
         m = self.matrices if self.matrices is not None else system.mixing
         if isinstance(m, torch.Tensor):
-            if m.ndim < 3 or m.shape[0] != system.num_layers or tuple(m.shape[-2:]) != (streams, streams):
-                raise ValueError(f"Mixing: matrices have shape {tuple(m.shape)}, expected (L={system.num_layers}, "
-                                 f"..., S={streams}, S={streams}) for a state of shape {tuple(state.shape)} with "
-                                 f"the stream axis at dim {dim}")
+            _check_matrices(m, system.num_layers, state, dim)
 
     def linearize(self, step: Step) -> MatrixMap:
+        dim = self._dim(step.system)
         if self.matrices is not None:
             matrices = self.matrices[step.layers].to(step.inputs.device)
         else:
             matrices = step.system.mixing_matrices(step.layers, step.inputs)
-        return MatrixMap(matrices, self._dim(step.system))
+            if callable(step.system.mixing):  # input-dependent: checked as it arrives
+                _check_matrices(matrices, step.num_layers, step.inputs[0], dim)
+        return MatrixMap(matrices, dim)
+
+
+def _check_matrices(m: torch.Tensor, num_layers: int, state: torch.Tensor, dim: int) -> None:
+    streams = state.shape[dim]
+    if m.ndim < 3 or m.shape[0] != num_layers or tuple(m.shape[-2:]) != (streams, streams):
+        raise ValueError(f"Mixing: matrices have shape {tuple(m.shape)}, expected (L={num_layers}, ..., "
+                         f"S={streams}, S={streams}) for a state of shape {tuple(state.shape)} with the stream "
+                         f"axis at dim {dim}")

@@ -1,0 +1,34 @@
+"""The `snlp` command line."""
+
+import json
+
+import pytest
+
+from models import cli
+
+
+def test_demo_writes_results(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), "--layers", "6", "--width", "4"]) == 0
+    results = json.loads((tmp_path / "demo.json").read_text())
+    assert results["config"]["layers"] == 6
+    assert {r["solver"] for r in results["runs"]} >= {"Jacobi", "Identity (IDN)", "Exact (krylov)"}
+    for run in results["runs"]:
+        assert run["result"] == "CONVERGED" and run["error"][-1] <= 1e-9 and run["iterations"] <= 6
+    assert (tmp_path / "demo_convergence.png").stat().st_size > 1000
+    assert "max relative error over layers" in capsys.readouterr().out
+
+
+def test_unknown_option_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--bogus"])
+    assert info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_later_subcommands_say_so(capsys):
+    assert cli.main(["train"]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_bad_sizes(capsys):
+    assert cli.main(["demo", "--layers", "0"]) == 2
+    assert "--layers and --width must be positive" in capsys.readouterr().err
