@@ -10,7 +10,7 @@ See DESIGN.md section 1 for the mathematics.
 
 from ._diagnostics import Result, Solution, SolveError, Stats
 from ._driver import Jacobi, Newton, solve
-from ._guesses import Given, OneStep, Repeat
+from ._guesses import Given, Learned, OneStep, Repeat
 from ._recurrence import (ElementwiseMap, IdentityMap, LinearMap, MatrixMap, OperatorMap, ZeroMap,
                           associative_scan)
 from ._schedule import Parallel, Schedule, Sequential
@@ -20,7 +20,7 @@ from .jacobians import Diagonal, Exact, Identity, Jacobian, Mixing, Scaled, Step
 __all__ = [
     "LayerSystem", "solve", "Newton", "Jacobi",
     "Jacobian", "Step", "Zero", "Identity", "Scaled", "Mixing", "Diagonal", "Exact",
-    "Repeat", "OneStep", "Given",
+    "Repeat", "OneStep", "Given", "Learned",
     "Schedule", "Sequential", "Parallel",
     "Result", "Stats", "Solution", "SolveError",
     "LinearMap", "ZeroMap", "IdentityMap", "ElementwiseMap", "MatrixMap", "OperatorMap", "associative_scan",
