@@ -295,20 +295,28 @@ class GPT(nn.Module):
         """The blocks from `start` on, stacked, and fused `fuse` at a time."""
         return fuse_weights(self.block_weights(slice(start, None)), fuse)
 
-    def layer_system(self, emb: Embedded, start: int = 0, fuse: int = 1,
-                     weights: BlockWeights | None = None) -> ls.LayerSystem:
+    def tail_context(self, emb: Embedded, start: int, fuse: int = 1, past=None):
+        """A function units -> Context for the units (blocks, or fused chunks of `fuse` blocks) from `start` on.
+        `past(units)` gives those units' cached (keys, values) when decoding."""
+        ve = None if emb.ve is None else fuse_value_embeddings(emb.ve[start:], fuse)
+
+        def context(units: slice) -> Context:
+            past_k, past_v = (None, None) if past is None else past(units)
+            return Context(emb.x0, None if ve is None else ve[units], emb.cos, emb.sin, emb.position, past_k, past_v)
+
+        return context
+
+    def layer_system(self, emb: Embedded, start: int = 0, fuse: int = 1, weights: BlockWeights | None = None,
+                     past=None) -> ls.LayerSystem:
         """The residual equation of the blocks from `start` on (fused `fuse` at a time), for layersolve. `weights`
-        are those blocks' `tail_weights`, when the caller has them already.
+        are those blocks' `tail_weights` when the caller has them already; `past` as in `tail_context`.
 
         Layer l computes exactly what the sequential forward computes at that layer: its window, its x0 / resid
         blend, its value embedding, its hyper-connections. It provides resid_lambdas as `scales` (Scaled) and, for
         mHC, the skip path's mixing resid * H_res_mlp @ H_res_attn on the stream axis (Mixing, SNLP's HCN)."""
         weights = self.tail_weights(start, fuse) if weights is None else weights
         n = weights.num_layers
-        ve = None if emb.ve is None else fuse_value_embeddings(emb.ve[start:], fuse)
-
-        def ctx(layers: slice) -> Context:
-            return Context(emb.x0, None if ve is None else ve[layers], emb.cos, emb.sin, emb.position)
+        ctx = self.tail_context(emb, start, fuse, past)
 
         def evaluate(layers: slice, inputs: torch.Tensor) -> torch.Tensor:
             return block_forward(weights[layers], inputs, ctx(layers)).out

@@ -129,8 +129,9 @@ def attention_mask(windows: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor | No
     return (distance >= 0) & (distance <= w[:, None, :, None, None])
 
 
-def attention(w: BlockWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
-    """Causal self-attention of n blocks. x (n, B, T, D) is the normed sublayer input. Returns (y, k, v)."""
+def project_qkv(w: BlockWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys, values (n, B, heads, T, hd) of the normed sublayer input x (n, B, T, D): value embeddings
+    gated in, rotary, QK norm."""
     n, B, T, D = x.shape
     hd = w.head_dim
     q = linear(x, w.c_q).view(n, B, T, -1, hd)
@@ -141,7 +142,14 @@ def attention(w: BlockWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor,
         v = v + gate.unsqueeze(-1) * ctx.ve.view(n, B, T, -1, hd)
     q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
     q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-    q, k, v = (t.transpose(2, 3) for t in (q, k, v))  # (n, B, heads, T, hd)
+    return tuple(t.transpose(2, 3) for t in (q, k, v))
+
+
+def attention(w: BlockWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal self-attention of n blocks over the cached keys and these tokens' own. x (n, B, T, D) is the normed
+    sublayer input. Returns (y, k, v), k and v for these tokens only."""
+    n, B, T, D = x.shape
+    q, k, v = project_qkv(w, x, ctx)
     keys = k if ctx.past_k is None else torch.cat([ctx.past_k, k], dim=3)
     values = v if ctx.past_v is None else torch.cat([ctx.past_v, v], dim=3)
     q_pos = torch.arange(ctx.position, ctx.position + T, device=x.device)
@@ -163,11 +171,16 @@ def _broadcast(scalars: Tensor, x: Tensor) -> Tensor:
     return scalars.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def _blend(w: BlockWeights, h: Tensor, ctx: Context) -> Tensor:
+    """The x0 / residual blend belongs to the layer: f_l(h) = block_l(lambda_l h + mu_l x0)."""
+    if w.resid is None:
+        return h
+    return _broadcast(w.resid, h) * h + _broadcast(w.x0, h) * ctx.x0.unsqueeze(0)
+
+
 def block_forward(w: BlockWeights, h: Tensor, ctx: Context, want_mixing: bool = False) -> BlockOutput:
     """n blocks on n states: h (n, B, T, D), or (n, B, S, T, D) with mHC. Returns the blocks' outputs."""
-    x = h
-    if w.resid is not None:  # the x0 / residual blend belongs to the layer: f_l(h) = block_l(lambda h + mu x0)
-        x = _broadcast(w.resid, h) * h + _broadcast(w.x0, h) * ctx.x0.unsqueeze(0)
+    x = _blend(w, h, ctx)
     if w.hc_attn is None:
         y, k, v = attention(w, norm(x), ctx)
         x = x + y
@@ -181,6 +194,16 @@ def block_forward(w: BlockWeights, h: Tensor, ctx: Context, want_mixing: bool = 
     if want_mixing:
         mixing = res2 @ res if w.resid is None else _broadcast(w.resid, res) * (res2 @ res)
     return BlockOutput(out, k, v, mixing)
+
+
+def block_kv(w: BlockWeights, h: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
+    """The keys and values n blocks compute from inputs h, without the rest of the block: what a KV cache stores
+    for the final iterate of a layer-parallel solve."""
+    x = _blend(w, h, ctx)
+    if w.hc_attn is not None:
+        x = _pool(connection_weights(w.hc_attn, x)[0], x)
+    _, k, v = project_qkv(w, norm(x), ctx)
+    return k, v
 
 
 def _pool(pre: Tensor, x: Tensor) -> Tensor:

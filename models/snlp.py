@@ -66,6 +66,13 @@ class Tail:
     system: ls.LayerSystem
     start: int
 
+    def logits(self, model: GPT, trace: torch.Tensor, fuse: int) -> torch.Tensor:
+        """Logits from the tail's trace (C+1, *state): the last state, and the backout state (the output of block
+        n_layer // 2, or of the fused chunk that holds it)."""
+        b = model.backout_layer
+        backout = self.prefix[b] if b < len(self.prefix) else trace[-(-(b - self.start) // fuse)]
+        return model.head(trace[-1], backout)
+
 
 def tail_weights(model: GPT, plan: Plan) -> BlockWeights:
     """The tail's stacked (and fused) weights: built once per model and plan while the weights do not change and
@@ -95,17 +102,6 @@ def prepare(model: GPT, idx: torch.Tensor, plan: Plan) -> Tail:
     return Tail(emb, prefix, system, start)
 
 
-def logits_from(model: GPT, tail: Tail, trace: torch.Tensor, fuse: int) -> torch.Tensor:
-    """Logits from the tail's trace (C+1, *state): the last state, and the backout state (the output of block
-    n_layer // 2, or of the fused chunk that holds it)."""
-    b = model.backout_layer
-    if b < len(tail.prefix):
-        backout = tail.prefix[b]
-    else:
-        backout = trace[-(-(b - tail.start) // fuse)]
-    return model.head(trace[-1], backout)
-
-
 def forward(model: GPT, idx: torch.Tensor, plan: Plan, throw: bool = True,
             reference: torch.Tensor | None = None) -> tuple[torch.Tensor, ls.Stats]:
     """The layer-parallel forward: logits (B, T, vocab_size) and the tail solve's stats. `reference`: the tail's
@@ -113,7 +109,7 @@ def forward(model: GPT, idx: torch.Tensor, plan: Plan, throw: bool = True,
     tail = prepare(model, idx, plan)
     sol = ls.solve(tail.system, tail.prefix[-1], plan.solver(), iters=plan.iters, tol=plan.tol, init=plan.guess(),
                    reference=reference, on_divergence=plan.on_divergence, throw=throw)
-    return logits_from(model, tail, sol.trace, plan.fuse), sol.stats
+    return tail.logits(model, sol.trace, plan.fuse), sol.stats
 
 
 def sequential_trace(model: GPT, idx: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +117,7 @@ def sequential_trace(model: GPT, idx: torch.Tensor, plan: Plan) -> tuple[torch.T
     this is the model itself; for fused plans it is the fused model, the reference its solves converge to."""
     tail = prepare(model, idx, plan)
     trace = tail.system.sequential(tail.prefix[-1])
-    return logits_from(model, tail, trace, plan.fuse), trace
+    return tail.logits(model, trace, plan.fuse), trace
 
 
 def fit_preheat(model: GPT, batches, plan: Plan, rank: int = 32) -> ls.Learned:
