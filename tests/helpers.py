@@ -103,3 +103,43 @@ def make_init(kind, system, h0, *, seed: int):
         return kind
     noise = random_state((system.num_layers + 1, *h0.shape), seed=seed)
     return ls.Given(h0 + 0.1 * noise)
+
+
+# -- nanochat models ---------------------------------------------------------------------------------------------
+
+# Configurations the model tests run over: with and without x0 / value embeddings, GQA, sliding windows that bind
+# (sequence_len 256: the short window is 128 tokens, and tests use 150 > 128), mHC with and without x0.
+MODEL_CONFIGS = {
+    "default": dict(),
+    "no_x0_no_ve": dict(no_x0_resid=True, no_ve=True),
+    "gqa": dict(n_head=4, n_kv_head=2),
+    "mhc": dict(use_mhc=True, mhc_num_streams=2),
+    "mhc_no_ve": dict(use_mhc=True, mhc_num_streams=3, no_ve=True),
+}
+SEQ_LEN = 150
+
+
+def tiny_config(**overrides):
+    from models.gpt import GPTConfig
+
+    base = dict(sequence_len=256, vocab_size=100, n_layer=6, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SSSL")
+    return GPTConfig(**{**base, **overrides})
+
+
+def random_model(cfg, *, seed: int = 0, dtype=torch.float64, scale: float = 0.15):
+    """A model with every parameter random and non-zero. nanochat zero-initializes both output projections, which
+    would hide any bug in what they multiply; the small scale keeps the blocks mildly nonlinear, like a trained
+    network's, so surrogate solves do not overflow before K = n_par."""
+    from models.gpt import GPT
+
+    model = GPT(cfg).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype)
+            p.copy_(noise * (scale if p.ndim > 1 else 0.2) + (1.0 if name == "resid_lambdas" else 0.0))
+    return model.requires_grad_(False)
+
+
+def tokens(batch: int, length: int, vocab: int = 100, *, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))

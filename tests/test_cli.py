@@ -32,3 +32,19 @@ def test_later_subcommands_say_so(capsys):
 def test_bad_sizes(capsys):
     assert cli.main(["demo", "--layers", "0"]) == 2
     assert "--layers and --width must be positive" in capsys.readouterr().err
+
+
+def test_bench_writes_a_table_and_json(tmp_path, capsys):
+    assert cli.main(["bench", "--out", str(tmp_path), "--depth", "4", "--width", "64", "--tokens", "32",
+                     "--repeats", "1"]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert {"device", "torch", "warmup", "repeats", "shape", "rows"} <= set(results)
+    names = [r["case"] for r in results["rows"]]
+    assert names[0] == "sequential" and len(names) == 7 and results["rows"][0]["speedup"] == 1.0
+    assert all(r["median_s"] > 0 for r in results["rows"])
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_refuses_bad_sizes(capsys):
+    assert cli.main(["bench", "--width", "100"]) == 2
+    assert "--width must be a multiple of 64" in capsys.readouterr().err

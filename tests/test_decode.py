@@ -1,0 +1,67 @@
+"""KV-cache decoding, sequential and SNLP, against full-forward greedy decoding."""
+
+import pytest
+import torch
+
+import layersolve as ls
+from helpers import random_model, tiny_config, tokens
+from models import snlp
+from models.decode import Decoder, generate
+
+
+def greedy_full_forward(forward, prompt, max_new):
+    ids = prompt
+    for _ in range(max_new):
+        ids = torch.cat([ids, forward(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, prompt.shape[1]:]
+
+
+# sequence_len 64: the short window is 128 (does not bind) but the long window is 64, so with a 40-token prompt and
+# 32 new tokens the "L" layers' windows bind during decoding.
+CONFIGS = {"default": dict(sequence_len=64), "mhc": dict(sequence_len=64, use_mhc=True, mhc_num_streams=2)}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_decoding_equals_full_forward_greedy(name):
+    model = random_model(tiny_config(**CONFIGS[name]), seed=1)
+    prompt = tokens(2, 40, seed=1)
+    expected = greedy_full_forward(model, prompt, 32)
+    assert torch.equal(generate(model, prompt, 32), expected)
+    jacobian = ls.Mixing() if model.config.use_mhc else ls.Identity()
+    assert torch.equal(generate(model, prompt, 32, plan=snlp.Plan(n_par=4, iters=4, jacobian=jacobian)), expected)
+
+
+def test_fused_snlp_decoding_equals_the_fused_model():
+    model = random_model(tiny_config(sequence_len=64), seed=2)
+    prompt = tokens(1, 20, seed=2)
+    plan = snlp.Plan(n_par=4, fuse=2, iters=2)
+    expected = greedy_full_forward(lambda ids: snlp.sequential_trace(model, ids, plan)[0], prompt, 12)
+    assert torch.equal(generate(model, prompt, 12, plan=plan), expected)
+
+
+def test_step_logits_equal_the_full_forward():
+    model = random_model(tiny_config(sequence_len=64), seed=3)
+    idx = tokens(2, 30, seed=3)
+    decoder = Decoder(model, snlp.Plan(n_par=3, iters=3), capacity=30)
+    pieces = [decoder.step(idx[:, :10])] + [decoder.step(idx[:, t:t + 1]) for t in range(10, 30)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), rtol=1e-10, atol=1e-10)
+    assert len(decoder.stats) == 21
+
+
+def test_sampling_is_seeded():
+    model = random_model(tiny_config(sequence_len=64), seed=4)
+    prompt = tokens(1, 5, seed=4)
+    runs = [generate(model, prompt, 10, temperature=1.0, top_k=5, seed=s) for s in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_bad_arguments():
+    model = random_model(tiny_config(sequence_len=64), seed=5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, torch.tensor([[100]]), 3)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate(model, tokens(1, 3), 3, temperature=-1.0)
+    decoder = Decoder(model, capacity=4)
+    decoder.step(tokens(1, 4))
+    with pytest.raises(ValueError, match="past the cache capacity of 4 tokens"):
+        decoder.step(tokens(1, 1))

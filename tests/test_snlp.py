@@ -1,0 +1,173 @@
+"""SNLP over the models: exactness at K = n_par for every strategy and config, closed forms, fusion, plans."""
+
+import pytest
+import torch
+
+import layersolve as ls
+from helpers import MODEL_CONFIGS, SEQ_LEN, random_model, tiny_config, tokens
+from models import snlp
+
+
+def strategies(cfg):
+    out = {"zero": ls.Zero(), "identity": ls.Identity(), "scaled": ls.Scaled(), "diagonal": ls.Diagonal(probes=2)}
+    if cfg.use_mhc:
+        out["mixing"] = ls.Mixing()
+    return out
+
+
+@pytest.mark.parametrize("name", list(MODEL_CONFIGS) + ["mhc_dynamic"])
+def test_k_equals_n_par_reproduces_the_sequential_logits(name):
+    overrides = dict(use_mhc=True, mhc_num_streams=2, mhc_dynamic=True) if name == "mhc_dynamic" else MODEL_CONFIGS[name]
+    cfg = tiny_config(**overrides)
+    model = random_model(cfg, seed=4)
+    idx = tokens(2, SEQ_LEN, seed=4)
+    expected = model(idx)
+    for label, jacobian in strategies(cfg).items():
+        for n_par in (3, 6):
+            logits, stats = snlp.forward(model, idx, snlp.Plan(n_par=n_par, jacobian=jacobian, iters=n_par))
+            torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10, msg=f"{label} n_par={n_par}")
+            assert stats.iterations == n_par and stats.exact_prefix[-1] == n_par
+
+
+def test_float32_exactness_to_1e_4():
+    cfg = tiny_config(use_mhc=True, mhc_num_streams=2)
+    model = random_model(cfg, seed=5, dtype=torch.float32)
+    idx = tokens(2, 64, seed=5)
+    for jacobian in (ls.Identity(), ls.Mixing()):
+        logits, _ = snlp.forward(model, idx, snlp.Plan(n_par=6, jacobian=jacobian, iters=6))
+        torch.testing.assert_close(logits, model(idx), rtol=1e-4, atol=1e-4)
+
+
+def test_idn_k1_is_the_prefix_sum_of_branch_outputs():
+    """IDN, repeat init, K = 1: h_l = h_init + sum_{j<=l} (f_j(h_init) - h_init), each f_j one block of the model
+    applied to h_init on its own."""
+    cfg = tiny_config()
+    model = random_model(cfg, seed=6)
+    idx = tokens(2, 40, seed=6)
+    n_par, start = 4, 2
+    logits, _ = snlp.forward(model, idx, snlp.Plan(n_par=n_par, iters=1))
+    emb = model.embed(idx)
+    from models.layers import block_forward
+    h = emb.x0
+    trace = [h]
+    for i in range(start):
+        h = block_forward(model.block_weights(slice(i, i + 1)), h[None], emb.context(slice(i, i + 1))).out[0]
+        trace.append(h)
+    h_init = h
+    branches = [block_forward(model.block_weights(slice(i, i + 1)), h_init[None], emb.context(slice(i, i + 1))).out[0]
+                - h_init for i in range(start, start + n_par)]
+    trace += [h_init + sum(branches[:j + 1]) for j in range(n_par)]
+    torch.testing.assert_close(logits, model.head(trace[-1], trace[model.backout_layer]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fuse", [2, 3])
+def test_fused_plans_converge_to_the_fused_model(fuse):
+    cfg = tiny_config()
+    model = random_model(cfg, seed=7)
+    idx = tokens(2, SEQ_LEN, seed=7)
+    plan = snlp.Plan(n_par=6, fuse=fuse, iters=6 // fuse)
+    reference, trace = snlp.sequential_trace(model, idx, plan)
+    assert trace.shape[0] == 6 // fuse + 1
+    assert not torch.allclose(reference, model(idx))  # a fused model is a different function
+    for jacobian in (ls.Identity(), ls.Scaled(), ls.Zero()):
+        logits, _ = snlp.forward(model, idx, snlp.Plan(n_par=6, fuse=fuse, iters=6 // fuse, jacobian=jacobian))
+        torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_a_fused_chunk_sums_its_blocks_branches():
+    """One fused chunk of two blocks: x + attn_1(n(x)) + attn_2(n(x)), then + mlp_1(n(.)) + mlp_2(n(.)), with
+    x the averaged blend, each attention with its own window and value embedding."""
+    from models.fusion import fuse_value_embeddings, fuse_weights
+    from models.layers import Context, attention, block_forward, mlp, norm
+
+    cfg = tiny_config(n_layer=2, window_pattern="SL")
+    model = random_model(cfg, seed=8)
+    idx = tokens(1, SEQ_LEN, seed=8)
+    emb = model.embed(idx)
+    h = torch.randn_like(emb.x0)
+    fused = block_forward(fuse_weights(model.block_weights(slice(0, 2)), 2), h[None],
+                          Context(emb.x0, fuse_value_embeddings(emb.ve, 2), emb.cos, emb.sin)).out[0]
+    lam, mu = model.resid_lambdas.mean(), model.x0_lambdas.mean()
+    x = lam * h + mu * emb.x0
+    singles = [model.block_weights(slice(i, i + 1)) for i in range(2)]
+    x = x + sum(attention(w, norm(x)[None], emb.context(slice(i, i + 1)))[0][0] for i, w in enumerate(singles))
+    x = x + sum(mlp(w, norm(x)[None])[0] for w in singles)
+    torch.testing.assert_close(fused, x, rtol=1e-12, atol=1e-12)
+
+
+def test_preheat_is_a_better_guess_than_repeat():
+    cfg = tiny_config()
+    model = random_model(cfg, seed=9)
+    plan = snlp.Plan(n_par=4, iters=1)
+    calibration = [tokens(4, 64, seed=s) for s in range(3)]
+    learned = snlp.fit_preheat(model, calibration, plan, rank=8)
+    idx = tokens(2, 64, seed=99)
+    expected = model(idx)
+    repeat, _ = snlp.forward(model, idx, plan)
+    warm, _ = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=1, init=learned))
+    assert (warm - expected).norm() < (repeat - expected).norm()
+    exact, _ = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=4, init=learned))
+    torch.testing.assert_close(exact, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_tolerance_and_stats():
+    model = random_model(tiny_config(), seed=10)
+    idx = tokens(2, 32, seed=10)
+    _, trace = snlp.sequential_trace(model, idx, snlp.Plan(n_par=6))
+    logits, stats = snlp.forward(model, idx, snlp.Plan(n_par=6, iters=None, tol=1e-9), reference=trace)
+    assert stats.final_residual() <= 1e-9 and stats.error[-1].max() <= 1e-8
+    torch.testing.assert_close(logits, model(idx), rtol=1e-7, atol=1e-7)
+
+
+def test_tail_weights_are_built_once_and_follow_updates():
+    model = random_model(tiny_config(), seed=11)
+    plan = snlp.Plan(n_par=4)
+    with torch.no_grad():
+        first = snlp.tail_weights(model, plan)
+        assert snlp.tail_weights(model, plan) is first
+        model.transformer.h[5].mlp.c_fc.weight.mul_(2.0)
+        assert snlp.tail_weights(model, plan) is not first
+
+
+def test_gradients_flow_through_the_snlp_forward():
+    model = random_model(tiny_config(), seed=12, dtype=torch.float32).requires_grad_(True)
+    logits, _ = snlp.forward(model, tokens(1, 16, seed=12), snlp.Plan(n_par=4, iters=2))
+    logits.square().mean().backward()
+    assert model.transformer.h[5].attn.c_q.weight.grad.abs().sum() > 0
+    assert model.resid_lambdas.grad.abs().sum() > 0
+
+
+class TestBadPlans:
+    model = random_model(tiny_config(), seed=0)
+    mhc = random_model(tiny_config(use_mhc=True, mhc_num_streams=2), seed=0)
+    idx = tokens(1, 8)
+
+    @pytest.mark.parametrize("n_par", [0, 7, -1])
+    def test_n_par_outside_the_layers(self, n_par):
+        with pytest.raises(ValueError, match=r"Plan.n_par must be an int in \[1, 6\]"):
+            snlp.forward(self.model, self.idx, snlp.Plan(n_par=n_par))
+
+    def test_fusion_width_must_divide_the_tail(self):
+        with pytest.raises(ValueError, match="Plan.fuse=4 must be a positive int that divides n_par=6"):
+            snlp.forward(self.model, self.idx, snlp.Plan(n_par=6, fuse=4))
+        with pytest.raises(ValueError, match="Plan.chunks=2 x fuse=2 must equal n_par=6"):
+            snlp.forward(self.model, self.idx, snlp.Plan(n_par=6, fuse=2, chunks=2))
+
+    def test_fusion_of_mhc(self):
+        with pytest.raises(ValueError, match="not defined for mHC"):
+            snlp.forward(self.mhc, self.idx, snlp.Plan(n_par=4, fuse=2))
+
+    def test_unknown_init_and_mixing_without_mhc(self):
+        with pytest.raises(ValueError, match="Plan.init must be one of"):
+            snlp.forward(self.model, self.idx, snlp.Plan(n_par=2, init="warm"))
+        with pytest.raises(ValueError, match="needs a system that provides mixing"):
+            snlp.forward(self.model, self.idx, snlp.Plan(n_par=2, jacobian=ls.Mixing()))
+
+    def test_divergence_raises_with_stats(self):
+        wild = random_model(tiny_config(), seed=0, scale=3.0)
+        with pytest.raises(ls.SolveError):
+            snlp.forward(wild, self.idx, snlp.Plan(n_par=6, jacobian=ls.Diagonal(probes=1), iters=6))
+        logits, stats = snlp.forward(wild, self.idx, snlp.Plan(n_par=6, jacobian=ls.Diagonal(probes=1), iters=6,
+                                                               on_divergence="sequential"))
+        torch.testing.assert_close(logits, wild(self.idx), rtol=1e-10, atol=1e-10)
+        assert stats.fallback_layers > 0
