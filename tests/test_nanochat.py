@@ -70,6 +70,13 @@ class TestBadCheckpoints:
         nanochat.save(model, tmp_path, 3)
         return model
 
+    def set_config_field(self, tmp_path, key, value):
+        meta = tmp_path / "meta_000003.json"
+        data = json.loads(meta.read_text())
+        data["model_config"][key] = value
+        meta.write_text(json.dumps(data))
+        return meta
+
     def test_corrupt_model_file(self, tmp_path):
         self.save(tmp_path)
         path = tmp_path / "model_000003.pt"
@@ -79,10 +86,7 @@ class TestBadCheckpoints:
 
     def test_meta_and_state_mismatch(self, tmp_path):
         self.save(tmp_path)
-        meta = tmp_path / "meta_000003.json"
-        data = json.loads(meta.read_text())
-        data["model_config"]["n_embd"] = 64
-        meta.write_text(json.dumps(data))
+        self.set_config_field(tmp_path, "n_embd", 64)
         with pytest.raises(nanochat.CheckpointError,
                            match=r"does not match the model_config of meta_000003.json.*transformer.h.0.attn.c_q.weight: "
                                  r"file \(32, 32\) vs config \(64, 64\)"):
@@ -100,10 +104,7 @@ class TestBadCheckpoints:
 
     def test_unknown_config_field_and_missing_meta(self, tmp_path):
         self.save(tmp_path)
-        meta = tmp_path / "meta_000003.json"
-        data = json.loads(meta.read_text())
-        data["model_config"]["n_experts"] = 8
-        meta.write_text(json.dumps(data))
+        meta = self.set_config_field(tmp_path, "n_experts", 8)
         with pytest.raises(nanochat.CheckpointError, match=r"unknown model_config field\(s\) \['n_experts'\]"):
             nanochat.load(tmp_path)
         meta.unlink()
