@@ -171,3 +171,17 @@ class TestBadPlans:
                                                                on_divergence="sequential"))
         torch.testing.assert_close(logits, wild(self.idx), rtol=1e-10, atol=1e-10)
         assert stats.fallback_layers > 0
+
+
+@pytest.mark.parametrize("init", ["repeat", "one_step", "given", "preheat"])
+def test_every_initial_guess_keeps_finite_termination(init):
+    model = random_model(tiny_config(), seed=13)
+    idx = tokens(2, 48, seed=13)
+    plan = snlp.Plan(n_par=4, iters=4)
+    _, exact = snlp.sequential_trace(model, idx, plan)
+    guesses = {"repeat": "repeat", "one_step": "one_step", "given": ls.Given(exact + 0.1 * torch.randn_like(exact)),
+               "preheat": snlp.fit_preheat(model, [tokens(2, 48, seed=1)], plan, rank=4)}
+    logits, stats = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=4, init=guesses[init]))
+    torch.testing.assert_close(logits, model(idx), rtol=1e-10, atol=1e-10)
+    exact_guess, _ = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=0, init=ls.Given(exact)))
+    torch.testing.assert_close(exact_guess, model(idx), rtol=1e-12, atol=1e-12)
