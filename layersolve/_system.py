@@ -123,7 +123,8 @@ class LayerSystem:
         """(f_l(inputs_i), J_l(inputs_i) tangents_i) for the layers of the slice, batched."""
         if self._jvp is not None:
             return self._jvp(layers, inputs, tangents)
-        return torch.func.jvp(lambda x: self._evaluate(layers, x), (inputs,), (tangents,))
+        # Forward-mode AD refuses inputs whose elements share memory (an expanded repeat guess): give it a copy.
+        return torch.func.jvp(lambda x: self._evaluate(layers, x), (inputs.contiguous(),), (tangents,))
 
     def mixing_matrices(self, layers: slice, inputs: Tensor) -> Tensor:
         """The system's mixing matrices for the layers of the slice (input-dependent ones are computed here)."""

@@ -15,7 +15,7 @@ With mHC (hyper-connections) the state has S streams, (B, S, T, D), and each sub
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,19 @@ class BlockWeights:
                        ve_gate=cut(self.ve_gate), resid=cut(self.resid), x0=cut(self.x0), windows=self.windows[layers],
                        hc_attn=None if self.hc_attn is None else self.hc_attn[layers],
                        hc_mlp=None if self.hc_mlp is None else self.hc_mlp[layers])
+
+
+def cat_weights(parts: list):
+    """Stacked weights of several layer ranges (BlockWeights, or HCWeights inside them), one after the other."""
+    first = parts[0]
+    changes = {}
+    for f in fields(first):
+        value = getattr(first, f.name)
+        if isinstance(value, Tensor):
+            changes[f.name] = torch.cat([getattr(p, f.name) for p in parts])
+        elif is_dataclass(value):
+            changes[f.name] = cat_weights([getattr(p, f.name) for p in parts])
+    return replace(first, **changes)
 
 
 @dataclass
