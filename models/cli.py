@@ -1,30 +1,147 @@
-"""The `snlp` command: argparse at the edge, library calls inside."""
+"""The `snlp` command: argparse at the edge, where strings become layersolve / model objects; library calls inside."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
-# Subcommands whose work belongs to later issues: they say so rather than pretend.
-LATER = {
-    "train": "training with SNLP-aware regularization arrives with the training issue (#4)",
-    "eval": "the PPL / agreement grid arrives with the training and evaluation issue (#4)",
-    "generate": "KV-cache and SNLP decoding arrive with the models issue (#3)",
-    "study": "studies arrive with the analysis notebooks",
-}
+import layersolve as ls
+
+CACHE = Path("snlp-out/cache")
+LATER = {"study": "studies arrive with the analysis notebooks"}
+
+
+def strategy(name: str, probes: int = 4) -> ls.Jacobian:
+    """Command-line names of the surrogates (SNLP's where it has one)."""
+    table = {"jacobi": ls.Zero(), "idn": ls.Identity(), "scaled": ls.Scaled(), "hcn": ls.Mixing(),
+             "diagonal": ls.Diagonal(probes=probes)}
+    return table[name]
+
+
+STRATEGIES = ("jacobi", "idn", "scaled", "hcn", "diagonal")
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    from .train import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="base configuration (default tiny)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="sequences per step, over all processes")
+    p.add_argument("--seq-len", type=int, help="context length (the model's sequence_len)")
+    p.add_argument("--vocab-size", type=int, help="tokenizer and model vocabulary")
+    p.add_argument("--depth", type=int, help="layers")
+    p.add_argument("--aspect-ratio", type=int, help="n_embd = depth * aspect ratio, rounded up to --head-dim")
+    p.add_argument("--head-dim", type=int, default=None, help="head dim for --aspect-ratio sizing (default 128)")
+    p.add_argument("--width", type=int, help="n_embd directly (heads of 64)")
+    p.add_argument("--no-x0-resid", action="store_true")
+    p.add_argument("--no-ve", action="store_true")
+    p.add_argument("--mhc", type=int, metavar="STREAMS", help="hyper-connections with this many streams")
+    p.add_argument("--mhc-dynamic", action="store_true", help="input-dependent (DeepSeek-style) hyper-connections")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-tokens", type=int)
+    p.add_argument("--seed", type=int)
+
+
+def _reg_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reg", choices=("none",) + STRATEGIES, default="none",
+                   help="SNLP-aware regularization surrogate: idn, scaled, hcn (mHC), diagonal (Hutchinson)")
+    p.add_argument("--reg-lambda", type=float, default=1.0, help="weight of the regularizer (default 1)")
+    p.add_argument("--n-par-configs", type=int, nargs="+", help="tail lengths (default: L/4, L/2, 3L/4)")
+    p.add_argument("--reg-stride", type=int, default=1, help="every stride-th tail layer enters the loss (0: last)")
+    p.add_argument("--reg-warmup", type=float, default=0.2, help="fraction of training over which lambda ramps up")
+    p.add_argument("--reg-detach", action="store_true", help="detach the sequential target")
+    p.add_argument("--reg-mode", choices=("all", "sample", "batched"), default="all",
+                   help="all configs per step (published), one sampled config, or all in one batched call")
+    p.add_argument("--reg-probes", type=int, default=1, help="Hutchinson probes for --reg diagonal")
+
+
+def train_config(args):
+    """The TrainConfig the flags describe."""
+    from .gpt import GPTConfig
+    from .regularizer import Regularizer
+    from .train import PRESETS, gpu_model
+
+    cfg = PRESETS[args.preset]
+    model = cfg.model
+    if args.depth or args.aspect_ratio or args.width:
+        depth = args.depth or model.n_layer
+        if args.width:
+            model = dataclasses.replace(model, n_layer=depth, n_embd=args.width, n_head=max(1, args.width // 64),
+                                        n_kv_head=max(1, args.width // 64))
+        else:
+            model = gpu_model(depth, args.aspect_ratio or 64, args.head_dim or 128, model.sequence_len,
+                              model.vocab_size)
+    options = {"sequence_len": args.seq_len, "vocab_size": args.vocab_size, "no_x0_resid": args.no_x0_resid or None,
+               "no_ve": args.no_ve or None, "use_mhc": bool(args.mhc) or None, "mhc_num_streams": args.mhc,
+               "mhc_dynamic": args.mhc_dynamic or None}
+    model = GPTConfig(**{**dataclasses.asdict(model), **{k: v for k, v in options.items() if v is not None}})
+    changes = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.eval_every,
+               "eval_tokens": args.eval_tokens, "seed": args.seed}
+    cfg = dataclasses.replace(cfg, model=model, **{k: v for k, v in changes.items() if v is not None})
+    if getattr(args, "reg", "none") != "none":
+        L = model.n_layer
+        configs = tuple(args.n_par_configs or sorted({max(1, L // 4), max(1, L // 2), max(1, 3 * L // 4)}))
+        reg = Regularizer(strategy(args.reg, args.reg_probes), configs, args.reg_stride, args.reg_detach,
+                          args.reg_mode)
+        cfg = dataclasses.replace(cfg, regularizer=reg, reg_lambda=args.reg_lambda, reg_warmup=args.reg_warmup)
+    return cfg
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="snlp", description="Layer-parallel inference (SNLP) with layersolve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser("demo", help="the main job: solve a toy residual stack with every strategy and report")
-    demo.add_argument("--out", type=Path, default=Path("snlp-out/demo"), help="directory for JSON and plots")
-    demo.add_argument("--layers", type=int, default=24, help="number of residual blocks (default 24)")
-    demo.add_argument("--width", type=int, default=32, help="state width (default 32)")
-    demo.add_argument("--seed", type=int, default=0)
+
+    demo = sub.add_parser("demo", help="the main job: train a baseline and an IDN-regularized model on Shakespeare, "
+                                       "evaluate Jacobi / IDN, write a report with plots")
+    demo.add_argument("--out", type=Path, default=Path("snlp-out/demo"))
+    demo.add_argument("--toy", action="store_true", help="only the quick layersolve demo on a random residual stack")
+    _model_flags(demo)
+    demo.add_argument("--reg-lambda", type=float, default=1.0)
+
+    train = sub.add_parser("train", help="train a model (nanochat recipe, optional SNLP-aware regularization)")
+    train.add_argument("--out", type=Path, default=Path("snlp-out/train"), help="run directory (checkpoints)")
+    train.add_argument("--corpus", help="a .txt/.md file, a directory of them, or parquet shards (default: "
+                                        "the embedded Shakespeare)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--save-every", type=int, default=0)
+    train.add_argument("--sft-n-par", type=int, help="SNLP-forward fine-tuning: train through snlp.forward")
+    train.add_argument("--sft-iters", type=int, default=1)
+    train.add_argument("--sft-strategy", choices=STRATEGIES, default="idn")
+    train.add_argument("--init-from", help="checkpoint directory to start from (for fine-tuning)")
+    _model_flags(train)
+    _reg_flags(train)
+
+    ev = sub.add_parser("eval", help="PPL / bpb of the sequential forward and a grid of SNLP plans")
+    ev.add_argument("checkpoint", type=Path, help="a run directory (model_*.pt, meta_*.json, tokenizer/)")
+    ev.add_argument("--step", type=int)
+    ev.add_argument("--corpus")
+    ev.add_argument("--context", type=int, help="tokens per sequence (default: the model's sequence_len)")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--max-tokens", type=int, default=32768)
+    ev.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["jacobi", "idn"])
+    ev.add_argument("--n-par", type=int, nargs="+", help="default: half the layers")
+    ev.add_argument("--iters", type=int, nargs="+", default=[1, 2, 4])
+    ev.add_argument("--inits", nargs="+", choices=("repeat", "one_step"), default=["repeat"])
+    ev.add_argument("--fuse", type=int, nargs="+", default=[1])
+    ev.add_argument("--ar-prompts", type=int, default=4, help="prompts for autoregressive agreement (0: skip)")
+    ev.add_argument("--ar-new", type=int, default=16)
+    ev.add_argument("--out", type=Path, help="JSON path (default: <checkpoint>/eval.json)")
+
+    gen = sub.add_parser("generate", help="sample from a checkpoint, sequentially or with SNLP decoding")
+    gen.add_argument("checkpoint", type=Path)
+    gen.add_argument("--prompt", default="ROMEO.")
+    gen.add_argument("--max-new", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--n-par", type=int, help="SNLP decoding over this tail (default: sequential)")
+    gen.add_argument("--iters", type=int, default=2)
+    gen.add_argument("--strategy", choices=STRATEGIES, default="idn")
+    gen.add_argument("--seed", type=int, default=0)
+
     bench = sub.add_parser("bench", help="prefill wall time: sequential vs SNLP plans on a random tiny model")
     bench.add_argument("--out", type=Path, default=Path("snlp-out/bench"), help="directory for bench.json")
     bench.add_argument("--depth", type=int, default=8, help="layers (default 8)")
@@ -43,15 +160,100 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in LATER:
         print(f"snlp {args.command}: not implemented yet: {LATER[args.command]}.", file=sys.stderr)
         return 2
-    if args.command == "bench":
-        return _bench(args)
-    from . import demo
-
-    if args.layers < 1 or args.width < 1:
-        print("snlp demo: --layers and --width must be positive", file=sys.stderr)
+    try:
+        return {"demo": _demo, "train": _train, "eval": _eval, "generate": _generate, "bench": _bench}[args.command](args)
+    except (ValueError, FileNotFoundError, ls.SolveError) as err:  # bad input: the message, not a traceback
+        print(f"snlp {args.command}: {err}", file=sys.stderr)
         return 2
-    demo.run(args.out, demo.ToyConfig(layers=args.layers, width=args.width, seed=args.seed))
-    print("(the model demo on the embedded corpus arrives with the training issue (#4))")
+
+
+def _demo(args) -> int:
+    from . import demo
+    from .regularizer import Regularizer
+
+    if args.toy:
+        width = args.width or 32
+        demo.run_toy(args.out, demo.ToyConfig(layers=args.depth or 24, width=width, seed=args.seed or 0))
+        return 0
+    cfg = train_config(args)
+    L = cfg.model.n_layer
+    regularizer = Regularizer(ls.Identity(), tuple(sorted({max(1, L // 4), max(1, L // 2)})), stride=1)
+    demo.run_models(args.out, cfg, regularizer, args.reg_lambda, CACHE)
+    return 0
+
+
+def _train(args) -> int:
+    from . import snlp
+    from .train import Data, train
+
+    cfg = train_config(args)
+    if args.sft_n_par:
+        cfg = dataclasses.replace(cfg, sft_plan=snlp.Plan(n_par=args.sft_n_par, iters=args.sft_iters,
+                                                          jacobian=strategy(args.sft_strategy)))
+    cfg = dataclasses.replace(cfg, save_every=args.save_every, init_from=args.init_from)
+    data = Data.prepare(args.corpus, cfg.model.vocab_size, CACHE)
+    metrics = train(cfg, data, args.out, resume=args.resume)
+    data.tokenizer.save(args.out / "tokenizer")
+    final = metrics["evals"][-1]
+    print(f"validation loss {final['loss']:.4f}, ppl {final['ppl']:.2f}, bpb {final['bpb']:.4f}; run in {args.out}")
+    return 0
+
+
+def _load_run(directory: Path, step=None):
+    from . import nanochat
+    from .tokenizer import Tokenizer
+
+    model = nanochat.load(directory, step).eval()
+    tokenizer = Tokenizer.load(directory / "tokenizer")
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise ValueError(f"{directory / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens but the model's "
+                         f"vocab_size is {model.config.vocab_size}: use the tokenizer the model was trained with")
+    return model, tokenizer
+
+
+def _eval(args) -> int:
+    from analysis import write_json
+
+    from . import evaluate, snlp
+    from .data import load_corpus, token_stream
+
+    model, tokenizer = _load_run(args.checkpoint, args.step)
+    _, val_text = load_corpus(args.corpus).split()
+    context = args.context or model.config.sequence_len
+    val = evaluate.Validation(token_stream(val_text, tokenizer, CACHE), tokenizer.token_bytes(), args.batch_size,
+                              context, args.max_tokens)
+    L = model.config.n_layer
+    plans = [snlp.Plan(n_par=n, jacobian=strategy(s), iters=k, init=i, fuse=f)
+             for s in args.strategies for n in (args.n_par or [L // 2]) for k in args.iters for i in args.inits
+             for f in args.fuse]
+    for plan in plans:
+        plan.check(model)
+    rows = evaluate.grid(model, val, plans)
+    results = {"checkpoint": str(args.checkpoint), "context": context, "tokens": args.max_tokens, "grid": rows}
+    if args.ar_prompts:
+        prompts = next(iter(val.stream.validation_batches(args.ar_prompts, 32)))[0]
+        results["autoregressive_agreement"] = {
+            evaluate.plan_name(p): evaluate.autoregressive_agreement(model, prompts, args.ar_new, p)
+            for p in plans if p.fuse == 1 and p.init == "repeat"}
+    out = args.out or args.checkpoint / "eval.json"
+    write_json(out, results)
+    print(evaluate.grid_table(rows))
+    for name, rate in results.get("autoregressive_agreement", {}).items():
+        print(f"autoregressive agreement, {name}: {rate:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def _generate(args) -> int:
+    from . import snlp
+    from .decode import generate
+
+    model, tokenizer = _load_run(args.checkpoint)
+    plan = None if args.n_par is None else snlp.Plan(n_par=args.n_par, iters=args.iters,
+                                                     jacobian=strategy(args.strategy))
+    prompt = torch.tensor([tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())])
+    out = generate(model, prompt, args.max_new, plan, args.temperature, args.top_k, args.seed)
+    print(args.prompt + tokenizer.decode(out[0].tolist()))
     return 0
 
 

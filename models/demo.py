@@ -1,10 +1,12 @@
-"""The toy demo: every Jacobian strategy on one random stack of residual MLP blocks, to exactness.
-
-It shows the invariants a user should see: every solve reaches the sequential trace (to rounding) in at most L
-iterations; surrogates that match the block's structure need fewer; exact Newton converges quadratically."""
+"""The demos. `run_toy`: every Jacobian strategy on one random stack of residual MLP blocks, to exactness: every
+solve reaches the sequential trace in at most L iterations, surrogates that match the blocks' structure need fewer,
+exact Newton converges quadratically. `run_models` (the main job, `snlp demo`): train a baseline and an
+IDN-regularized model on the embedded corpus with the same seed and tokens, then evaluate Jacobi and IDN at
+K = 1, 2, 4 over the last half of the layers, and write a report with plots."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ SOLVERS = {
 }
 
 
-def run(out_dir: Path, cfg: ToyConfig = ToyConfig(), tol: float = 1e-10) -> dict:
+def run_toy(out_dir: Path, cfg: ToyConfig = ToyConfig(), tol: float = 1e-10) -> dict:
     system, h0 = toy_system(cfg)
     reference = system.sequential(h0)
     runs, rows = {}, []
@@ -69,3 +71,93 @@ def run(out_dir: Path, cfg: ToyConfig = ToyConfig(), tol: float = 1e-10) -> dict
                      title=f"{cfg.layers} residual blocks, width {cfg.width}: error vs sequential")
     print(f"\nwrote {out_dir / 'demo.json'} and {out_dir / 'demo_convergence.png'}")
     return results
+
+
+def demo_plans(n_layer: int) -> list:
+    from . import snlp
+
+    half = n_layer // 2
+    return [snlp.Plan(n_par=half, jacobian=j, iters=k) for j in (ls.Zero(), ls.Identity()) for k in (1, 2, 4)]
+
+
+def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Path) -> dict:
+    """Train both models (cfg: a TrainConfig), evaluate the grid on the validation plays, write report.md,
+    demo.json and the plots into out_dir."""
+    import dataclasses
+
+    from . import evaluate, snlp
+    from .train import Data, train
+
+    data = Data.prepare(None, cfg.model.vocab_size, cache_dir)
+    validation = data.validation(cfg)
+    unigram = evaluate.unigram_loss(data.train, validation)
+    runs = {"baseline": cfg, "idn-regularized": dataclasses.replace(cfg, regularizer=regularizer,
+                                                                     reg_lambda=reg_lambda)}
+    report = {"train_config": cfg.to_dict(), "regularizer": repr(regularizer), "reg_lambda": reg_lambda,
+              "unigram_loss": unigram, "unigram_ppl": math.exp(unigram), "models": {}}
+    convergence = {}
+    for name, run_cfg in runs.items():
+        print(f"== training {name} ({run_cfg.steps} steps)", flush=True)
+        metrics = train(run_cfg, data, out_dir / name)
+        data.tokenizer.save(out_dir / name / "tokenizer")
+        from . import nanochat
+
+        model = nanochat.load(out_dir / name).eval()
+        print(f"== evaluating {name}", flush=True)
+        rows = evaluate.grid(model, validation, demo_plans(model.config.n_layer))
+        report["models"][name] = {"final_train_loss": metrics["train"][-1]["ce"], "evals": metrics["evals"],
+                                  "grid": rows}
+        x, _ = next(iter(validation.batches()))
+        half = model.config.n_layer // 2
+        for label, jac in (("Jacobi", ls.Zero()), ("IDN", ls.Identity())):
+            plan = snlp.Plan(n_par=half, jacobian=jac, iters=half)
+            _, exact = snlp.sequential_trace(model, x, plan)
+            with torch.no_grad():
+                _, stats = snlp.forward(model, x, plan, throw=False, reference=exact)
+            convergence[f"{name}: {label}"] = stats
+    write_json(out_dir / "demo.json", report)
+    plot_convergence(convergence, out_dir / "convergence.png",
+                     title="error of the last-half solve vs the sequential trace (one validation batch)")
+    _plot_frontier(report, out_dir / "frontier.png")
+    text = _report_text(report)
+    (out_dir / "report.md").write_text(text)
+    print("\n" + text)
+    print(f"wrote {out_dir / 'report.md'}, demo.json, convergence.png, frontier.png")
+    return report
+
+
+def _report_text(report: dict) -> str:
+    from .evaluate import grid_table
+
+    lines = ["# SNLP demo: baseline vs IDN-regularized on the embedded Shakespeare corpus", "",
+             f"unigram baseline: loss {report['unigram_loss']:.3f}, ppl {report['unigram_ppl']:.1f}", ""]
+    for name, model in report["models"].items():
+        lines += [f"## {name}", "", "```", grid_table(model["grid"]), "```", ""]
+    return "\n".join(lines)
+
+
+def _plot_frontier(report: dict, path: Path) -> None:
+    """Validation perplexity against K for Jacobi and IDN, both models, with each model's sequential PPL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from analysis import write_atomic
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (name, model), color in zip(report["models"].items(), ("C0", "C1")):
+        grid = model["grid"]
+        ax.axhline(grid["sequential"]["quality"]["ppl"], color=color, linestyle=":", label=f"{name}: sequential")
+        for method, style in (("Jacobi", "--"), ("IDN", "-")):
+            points = sorted((int(k.split(" K")[1].split()[0]), r["quality"]["ppl"])
+                            for k, r in grid.items() if k.startswith(method + " "))
+            ax.plot(*zip(*points), style, color=color, marker="o", label=f"{name}: {method}")
+    ax.set_yscale("log")
+    ax.set_xlabel("Newton iterations K over the last half of the layers")
+    ax.set_ylabel("validation perplexity")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)

@@ -34,6 +34,16 @@ class Validation:
         return self.stream.validation_batches(self.batch_size, self.seq_len, self.max_tokens, device=device)
 
 
+def unigram_loss(train: TokenStream, val: Validation) -> float:
+    """Cross-entropy (nats per token) on the validation batches of the train stream's token frequencies (add-one
+    smoothed): the baseline a language model must beat."""
+    vocab = val.token_bytes.numel()
+    counts = torch.bincount(train.tokens.long(), minlength=vocab).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    targets = torch.cat([y.flatten() for _, y in val.batches()])
+    return float(-logp[targets].mean())
+
+
 def summarize(nats: float, tokens: int, nbytes: int) -> dict:
     loss = nats / max(tokens, 1)
     return {"loss": loss, "ppl": math.exp(loss), "bpb": nats / (math.log(2) * max(nbytes, 1)), "tokens": tokens}

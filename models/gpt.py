@@ -21,7 +21,7 @@ from torch import nn
 import layersolve as ls
 
 from .fusion import fuse_value_embeddings, fuse_weights
-from .layers import BlockWeights, Context, block_forward, norm, rotary_tables
+from .layers import BlockWeights, Context, at_least_float32, block_forward, norm, rotary_tables
 from .mhc import HCWeights, HyperConnection, sinkhorn_log
 
 SOFTCAP = 15.0
@@ -287,8 +287,7 @@ class GPT(nn.Module):
         if self.config.use_mhc:  # (B, S, T, D) -> (B, T, D): the streams are summed
             last, backout = last.sum(dim=1), backout.sum(dim=1)
         x = norm(last - self.backout_lambda.to(last.dtype) * backout)
-        logits = self.lm_head(x)[..., :self.config.vocab_size]
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+        logits = at_least_float32(self.lm_head(x)[..., :self.config.vocab_size])
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
     def tail_weights(self, start: int, fuse: int = 1) -> BlockWeights:

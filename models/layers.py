@@ -32,6 +32,11 @@ def norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    """bf16 / fp16 activations upcast to float32 for losses and logits; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """Per-layer linear map without bias: x (n, ..., in), w (n, out, in) -> (n, ..., out). Weights are cast to the
     activation dtype, as nanochat's Linear does (fp32 master weights, bf16 matmuls on GPU)."""

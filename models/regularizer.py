@@ -26,7 +26,7 @@ import torch
 import layersolve as ls
 
 from .gpt import GPT, Embedded
-from .layers import Context, block_forward, cat_weights
+from .layers import Context, at_least_float32, block_forward, cat_weights
 
 MODES = ("all", "sample", "batched")
 
@@ -64,8 +64,8 @@ class Regularizer:
 
 def relative_gap(approx: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """mean over tokens of ||approx - target|| / max(||target||, 1e-6), norms over the last (feature) dim."""
-    diff = (approx.float() - target.float()).norm(dim=-1)
-    return (diff / target.float().norm(dim=-1).clamp_min(1e-6)).mean()
+    approx, target = at_least_float32(approx), at_least_float32(target)
+    return ((approx - target).norm(dim=-1) / target.norm(dim=-1).clamp_min(1e-6)).mean()
 
 
 def one_iteration(system: ls.LayerSystem, start: torch.Tensor, outputs: torch.Tensor,

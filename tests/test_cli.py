@@ -7,8 +7,8 @@ import pytest
 from models import cli
 
 
-def test_demo_writes_results(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--layers", "6", "--width", "4"]) == 0
+def test_toy_demo_writes_results(tmp_path, capsys):
+    assert cli.main(["demo", "--toy", "--out", str(tmp_path), "--depth", "6", "--width", "4"]) == 0
     results = json.loads((tmp_path / "demo.json").read_text())
     assert results["config"]["layers"] == 6
     assert {r["solver"] for r in results["runs"]} >= {"Jacobi", "Identity (IDN)", "Exact (krylov)"}
@@ -25,13 +25,8 @@ def test_unknown_option_is_refused(capsys):
 
 
 def test_later_subcommands_say_so(capsys):
-    assert cli.main(["train"]) == 2
+    assert cli.main(["study"]) == 2
     assert "not implemented yet" in capsys.readouterr().err
-
-
-def test_bad_sizes(capsys):
-    assert cli.main(["demo", "--layers", "0"]) == 2
-    assert "--layers and --width must be positive" in capsys.readouterr().err
 
 
 def test_bench_writes_a_table_and_json(tmp_path, capsys):
@@ -48,3 +43,80 @@ def test_bench_writes_a_table_and_json(tmp_path, capsys):
 def test_bench_refuses_bad_sizes(capsys):
     assert cli.main(["bench", "--width", "100"]) == 2
     assert "--width must be a multiple of 64" in capsys.readouterr().err
+
+
+SMALL = ["--steps", "4", "--depth", "4", "--width", "64", "--seq-len", "32", "--vocab-size", "512",
+         "--eval-tokens", "1024", "--eval-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert cli.main(["train", "--out", str(out), "--reg", "idn", "--n-par-configs", "2", *SMALL]) == 0
+    return out
+
+
+def test_train_writes_a_run(trained_run):
+    assert (trained_run / "model_000004.pt").exists() and (trained_run / "tokenizer" / "tokenizer.pkl").exists()
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["config"]["regularizer"]["n_par_configs"] == [2] and len(metrics["evals"]) == 2
+
+
+def test_eval_json_fields(trained_run, capsys):
+    out = trained_run / "eval.json"
+    assert cli.main(["eval", str(trained_run), "--iters", "1", "2", "--max-tokens", "512", "--batch-size", "4",
+                     "--ar-prompts", "2", "--ar-new", "4", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    grid = results["grid"]
+    assert set(grid) == {"sequential", "Jacobi n2 K1 repeat", "Jacobi n2 K2 repeat", "IDN n2 K1 repeat",
+                         "IDN n2 K2 repeat"}
+    for name, cell in grid.items():
+        assert {"loss", "ppl", "bpb", "tokens"} <= set(cell["quality"]) and cell["quality"]["tokens"] == 512
+        assert {"top1_agreement", "mean_cosine", "seconds", "speedup"} <= set(cell)
+        if name != "sequential":
+            assert len(cell["layer_error"]) == 2
+    assert grid["IDN n2 K2 repeat"]["top1_agreement"] == 1.0  # K = n_par is exact
+    assert set(results["autoregressive_agreement"]) == set(grid) - {"sequential"}
+    assert "IDN n2 K2 repeat" in capsys.readouterr().out
+
+
+def test_generate(trained_run, capsys):
+    assert cli.main(["generate", str(trained_run), "--max-new", "5", "--n-par", "2", "--iters", "2"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO.")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--preset", "huge"], "invalid choice: 'huge'"),
+    (["train", "--reg-typo", "1"], "unrecognized arguments: --reg-typo"),
+])
+def test_unknown_preset_or_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_corpus_and_vocabulary(trained_run, tmp_path, capsys):
+    assert cli.main(["train", "--out", str(tmp_path / "x"), "--corpus", str(tmp_path / "missing"), *SMALL]) == 2
+    assert "missing" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("")
+    assert cli.main(["train", "--out", str(tmp_path / "x"), "--corpus", str(tmp_path / "empty.txt"), *SMALL]) == 2
+    assert "empty" in capsys.readouterr().err.lower()
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in trained_run.glob("*_000004.*"):
+        (other / f.name).write_bytes(f.read_bytes())
+    from models.data import load_corpus
+    from models.tokenizer import train_tokenizer
+    train_tokenizer([load_corpus(None).texts[0][:50000]], 300).save(other / "tokenizer")
+    assert cli.main(["eval", str(other)]) == 2
+    assert "has 300 tokens but the model's vocab_size is 512" in capsys.readouterr().err
+
+
+def test_demo_pipeline_on_a_small_config(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path), *SMALL]) == 0
+    report = json.loads((tmp_path / "demo.json").read_text())
+    assert set(report["models"]) == {"baseline", "idn-regularized"}
+    grid = report["models"]["baseline"]["grid"]
+    assert "IDN n2 K4 repeat" in grid and "Jacobi n2 K1 repeat" in grid
+    for name in ("report.md", "convergence.png", "frontier.png"):
+        assert (tmp_path / name).stat().st_size > 100
