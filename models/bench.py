@@ -91,3 +91,44 @@ def table(results: dict) -> str:
         lines.append(f"{r['case']:<18} {r['median_s'] * 1e3:>10.1f} {spread:>12} {r['speedup']:>7.2f}x "
                      f"{r['top1_agreement']:>10.3f} {r['max_abs_logit_diff']:>13.2e}")
     return "\n".join(lines)
+
+
+def train_step_times(cfg, modes: dict, batch: tuple[torch.Tensor, torch.Tensor], warmup: int = 2,
+                     repeats: int = 5, progress=print) -> dict:
+    """Median wall time of a full training step (forward, backward, optimizer) for each regularizer setting in
+    `modes` (name -> TrainConfig), on one fixed batch; ratios against the first."""
+    import dataclasses as dc
+
+    from .gpt import GPT
+    from .optim import cpu_float32_newton_schulz, optimizers
+    from .train import StepLoss
+
+    x, y = batch
+    rows = []
+    for i, (name, mode_cfg) in enumerate(modes.items(), start=1):
+        model = GPT(mode_cfg.model).to(x.device)
+        model.init_weights(seed=0)
+        with torch.no_grad():  # trained-like blocks: nanochat's zero output projections make every block identity
+            for block in model.transformer.h:
+                block.attn.c_proj.weight.normal_(0, 0.02)
+                block.mlp.c_proj.weight.normal_(0, 0.02)
+        loss_fn, opts = StepLoss(model, mode_cfg), optimizers(model, mode_cfg)
+        timed = _timer(x.device)
+
+        def step():
+            loss_fn(x, y, 0)[0].backward()
+            with cpu_float32_newton_schulz():
+                for opt in opts:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+        for _ in range(warmup):
+            step()
+        times = [timed(step) for _ in range(repeats)]
+        rows.append({"mode": name, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)})
+        progress(f"[{i}/{len(modes)}] {name}: {rows[-1]['median_s']:.3f} s/step")
+    for row in rows:
+        row["ratio"] = row["median_s"] / rows[0]["median_s"]
+    return {"device": str(x.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "batch": list(x.shape), "model_config": dc.asdict(cfg.model), "warmup": warmup, "repeats": repeats,
+            "rows": rows}

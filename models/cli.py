@@ -150,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--train", action="store_true",
+                       help="time training steps instead: plain vs the IDN regularizer in modes all / sample / "
+                            "batched, on the tiny preset (configs L/4, L/2, 3L/4)")
     for name, why in LATER.items():
         sub.add_parser(name, help=f"(not yet: {why})")
     return parser
@@ -263,6 +266,8 @@ def _bench(args) -> int:
     from . import bench
     from .gpt import GPT, GPTConfig
 
+    if args.train:
+        return _bench_train(args)
     if args.width % 64 or args.depth < 2 or args.tokens < 2:
         print("snlp bench: --width must be a multiple of 64, --depth and --tokens at least 2", file=sys.stderr)
         return 2
@@ -280,6 +285,31 @@ def _bench(args) -> int:
     print(bench.table(results))
     write_json(args.out / "bench.json", results)
     print(f"wrote {args.out / 'bench.json'} (random weights: the quality columns only show the plans run)")
+    return 0
+
+
+def _bench_train(args) -> int:
+    from analysis import write_json
+
+    from . import bench
+    from .regularizer import Regularizer
+    from .train import PRESETS
+
+    cfg = PRESETS["tiny"]
+    L = cfg.model.n_layer
+    configs = (L // 4, L // 2, 3 * L // 4)
+    modes = {"plain": cfg}
+    for mode in ("all", "sample", "batched"):
+        modes[f"IDN reg, {mode}"] = dataclasses.replace(cfg, regularizer=Regularizer(ls.Identity(), configs, mode=mode),
+                                                       reg_lambda=1.0)
+    shape = (cfg.batch_size, cfg.model.sequence_len)
+    batch = tuple(torch.randint(0, cfg.model.vocab_size, shape, device=args.device) for _ in range(2))
+    results = bench.train_step_times(cfg, modes, batch, repeats=args.repeats)
+    for row in results["rows"]:
+        print(f"{row['mode']:<20} {row['median_s'] * 1e3:8.1f} ms/step  ({row['min_s'] * 1e3:.1f}-"
+              f"{row['max_s'] * 1e3:.1f})  x{row['ratio']:.2f}")
+    write_json(args.out / "train_steps.json", results)
+    print(f"wrote {args.out / 'train_steps.json'}")
     return 0
 
 
