@@ -117,7 +117,7 @@ def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Pa
             convergence[f"{name}: {label}"] = stats
     write_json(out_dir / "demo.json", report)
     plot_convergence(convergence, out_dir / "convergence.png",
-                     title="error of the last-half solve vs the sequential trace (one validation batch)")
+                     title="last-half solve vs the sequential trace (one batch)")
     _plot_frontier(report, out_dir / "frontier.png")
     text = _report_text(report)
     (out_dir / "report.md").write_text(text)
@@ -154,6 +154,7 @@ def _plot_frontier(report: dict, path: Path) -> None:
                             for k, r in grid.items() if k.startswith(method + " "))
             ax.plot(*zip(*points), style, color=color, marker="o", label=f"{name}: {method}")
     ax.set_yscale("log")
+    ax.set_xticks([1, 2, 4])
     ax.set_xlabel("Newton iterations K over the last half of the layers")
     ax.set_ylabel("validation perplexity")
     ax.legend(fontsize=7)
