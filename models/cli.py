@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 import layersolve as ls
 
-CACHE = Path("snlp-out/cache")
+CACHE = Path(os.environ.get("SNLP_CACHE", "snlp-out/cache"))  # tokenizers and tokenized corpora
 LATER = {"study": "studies arrive with the analysis notebooks"}
 
 
