@@ -328,13 +328,20 @@ class GPT(nn.Module):
         return ls.LayerSystem(evaluate, n, mixing=mixing, stream_dim=1 if self.config.use_mhc else None,
                               scales=scales, state_shape=tuple(emb.x0.shape), dtype=emb.x0.dtype)
 
+    def block(self, i: int, h: torch.Tensor, emb: Embedded) -> torch.Tensor:
+        """Block i on its own: f_{i+1}(h) for one state h."""
+        return block_forward(self.block_weights(slice(i, i + 1)), h[None], emb.context(slice(i, i + 1))).out[0]
+
+    def trace(self, emb: Embedded, stop: int | None = None) -> list[torch.Tensor]:
+        """The sequential trace h_0 .. h_stop (default: all layers), one block after another."""
+        trace = [emb.x0]
+        for i in range(self.config.n_layer if stop is None else stop):
+            trace.append(self.block(i, trace[-1], emb))
+        return trace
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """The sequential forward: logits (B, T, vocab_size)."""
-        emb = self.embed(idx)
-        trace = [emb.x0]
-        for i in range(self.config.n_layer):
-            trace.append(block_forward(self.block_weights(slice(i, i + 1)), trace[-1][None],
-                                       emb.context(slice(i, i + 1))).out[0])
+        trace = self.trace(self.embed(idx))
         return self.head(trace[-1], trace[self.backout_layer])
 
 

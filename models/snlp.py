@@ -14,7 +14,7 @@ import torch
 import layersolve as ls
 
 from .gpt import GPT, Embedded
-from .layers import BlockWeights, block_forward
+from .layers import BlockWeights
 
 INITS = {"repeat": ls.Repeat(), "one_step": ls.OneStep()}
 
@@ -94,10 +94,7 @@ def prepare(model: GPT, idx: torch.Tensor, plan: Plan) -> Tail:
     plan.check(model)
     emb = model.embed(idx)
     start = model.config.n_layer - plan.n_par
-    prefix = [emb.x0]
-    for i in range(start):
-        prefix.append(block_forward(model.block_weights(slice(i, i + 1)), prefix[-1][None],
-                                    emb.context(slice(i, i + 1))).out[0])
+    prefix = model.trace(emb, start)
     system = model.layer_system(emb, start, plan.fuse, tail_weights(model, plan))
     return Tail(emb, prefix, system, start)
 

@@ -31,7 +31,6 @@ from . import nanochat, snlp
 from .data import TokenLoader, TokenStream, load_corpus, token_stream
 from .evaluate import Validation, sequential_metrics
 from .gpt import GPT, GPTConfig
-from .layers import block_forward
 from .optim import cpu_float32_newton_schulz, lr_multiplier, optimizers, reg_weight, unused_parameters
 from .regularizer import Regularizer, snlp_loss
 from .tokenizer import Tokenizer, default_tokenizer, train_tokenizer
@@ -81,10 +80,7 @@ class StepLoss(nn.Module):
             ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             return ce, ce.detach(), torch.zeros(())
         emb = model.embed(x)
-        trace = [emb.x0]
-        for i in range(model.config.n_layer):
-            trace.append(block_forward(model.block_weights(slice(i, i + 1)), trace[-1][None],
-                                       emb.context(slice(i, i + 1))).out[0])
+        trace = model.trace(emb)
         logits = model.head(trace[-1], trace[model.backout_layer])
         ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         if cfg.regularizer is None or cfg.reg_lambda == 0:

@@ -47,15 +47,9 @@ def test_idn_k1_is_the_prefix_sum_of_branch_outputs():
     n_par, start = 4, 2
     logits, _ = snlp.forward(model, idx, snlp.Plan(n_par=n_par, iters=1))
     emb = model.embed(idx)
-    from models.layers import block_forward
-    h = emb.x0
-    trace = [h]
-    for i in range(start):
-        h = block_forward(model.block_weights(slice(i, i + 1)), h[None], emb.context(slice(i, i + 1))).out[0]
-        trace.append(h)
-    h_init = h
-    branches = [block_forward(model.block_weights(slice(i, i + 1)), h_init[None], emb.context(slice(i, i + 1))).out[0]
-                - h_init for i in range(start, start + n_par)]
+    trace = model.trace(emb, start)
+    h_init = trace[-1]
+    branches = [model.block(i, h_init, emb) - h_init for i in range(start, start + n_par)]
     trace += [h_init + sum(branches[:j + 1]) for j in range(n_par)]
     torch.testing.assert_close(logits, model.head(trace[-1], trace[model.backout_layer]), rtol=1e-12, atol=1e-12)
 

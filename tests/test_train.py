@@ -13,7 +13,6 @@ import layersolve as ls
 from helpers import random_model, tiny_config, tokens
 from models import nanochat, snlp
 from models.gpt import GPTConfig
-from models.layers import block_forward
 from models.regularizer import Regularizer, snlp_loss
 from models.data import TokenLoader
 from models.gpt import GPT
@@ -150,19 +149,14 @@ def test_ddp_under_gloo_matches_one_process(data, tmp_path):
 
 def sequential_trace(model, idx):
     emb = model.embed(idx)
-    trace = [emb.x0]
-    for i in range(model.config.n_layer):
-        trace.append(block_forward(model.block_weights(slice(i, i + 1)), trace[-1][None],
-                                   emb.context(slice(i, i + 1))).out[0])
-    return emb, trace
+    return emb, model.trace(emb)
 
 
 def direct_idn_loss(model, emb, trace, n, selected):
     """IDN K = 1 from h_init = h_{L-n}: h~_j = h_init + sum_{i<=j} (f_i(h_init) - h_init), compared by relative L2."""
     L = model.config.n_layer
     h_init = trace[L - n]
-    branches = [block_forward(model.block_weights(slice(L - n + i, L - n + i + 1)), h_init[None],
-                              emb.context(slice(L - n + i, L - n + i + 1))).out[0] - h_init for i in range(n)]
+    branches = [model.block(L - n + i, h_init, emb) - h_init for i in range(n)]
     loss = 0.0
     for j in selected:
         approx, target = h_init + sum(branches[:j + 1]), trace[L - n + j + 1]
