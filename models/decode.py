@@ -81,7 +81,10 @@ class Decoder:
     def _solve_tail(self, emb, prefix: list[torch.Tensor]) -> torch.Tensor:
         model, plan, p = self.model, self.plan, self.position
         weights = tail_weights(model, plan)
-        past = lambda units: self.tail.past(units, p)  # noqa: E731
+
+        def past(units: slice):
+            return self.tail.past(units, p)
+
         system = model.layer_system(emb, self.start, plan.fuse, weights, past)
         sol = ls.solve(system, prefix[-1], plan.solver(), iters=plan.iters, tol=plan.tol, init=plan.guess(),
                        on_divergence=plan.on_divergence)
@@ -90,7 +93,7 @@ class Decoder:
         context = model.tail_context(emb, self.start, plan.fuse, past)
         k, v = block_kv(weights, sol.trace[:-1], context(units))  # from each unit's input in the final iterate
         self.tail.write(units, p, k, v, self.capacity, system.num_layers)
-        return Tail(emb, prefix, system, self.start).logits(model, sol.trace, plan.fuse)
+        return Tail(prefix, system, self.start).logits(model, sol.trace, plan.fuse)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 import layersolve as ls
 
-from .gpt import GPT, Embedded
+from .gpt import GPT
 from .layers import BlockWeights
 
 INITS = {"repeat": ls.Repeat(), "one_step": ls.OneStep()}
@@ -58,10 +58,9 @@ class Plan:
 
 @dataclass
 class Tail:
-    """A forward's state at the start of the parallel tail: the embedding, the prefix trace h_0 .. h_{L-n_par},
-    and the tail's layer system."""
+    """A forward's state at the start of the parallel tail: the prefix trace h_0 .. h_{L-n_par} and the tail's
+    layer system."""
 
-    emb: Embedded
     prefix: list[torch.Tensor]
     system: ls.LayerSystem
     start: int
@@ -96,7 +95,7 @@ def prepare(model: GPT, idx: torch.Tensor, plan: Plan) -> Tail:
     start = model.config.n_layer - plan.n_par
     prefix = model.trace(emb, start)
     system = model.layer_system(emb, start, plan.fuse, tail_weights(model, plan))
-    return Tail(emb, prefix, system, start)
+    return Tail(prefix, system, start)
 
 
 def forward(model: GPT, idx: torch.Tensor, plan: Plan, throw: bool = True,
