@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping
 
 import torch
@@ -51,15 +50,13 @@ def convergence_table(runs: Mapping[str, ls.Stats], quantity: str = "error", col
     return "\n".join(lines)
 
 
-def plot_convergence(runs: Mapping[str, ls.Stats], path: str | os.PathLike, quantity: str = "error",
-                     title: str = "") -> None:
-    """Semilog plot of `quantity` (max over layers) against iterations, one line per solve, saved atomically."""
+def plot_convergence(runs: Mapping[str, ls.Stats], quantity: str = "error", title: str = ""):
+    """Semilog plot of `quantity` (max over layers) against iterations, one line per solve: a matplotlib Figure
+    (the caller saves it; `models.io.save_figure` writes it atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .io import write_atomic
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, stats in runs.items():
@@ -73,5 +70,4 @@ def plot_convergence(runs: Mapping[str, ls.Stats], path: str | os.PathLike, quan
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format=os.path.splitext(str(path))[1][1:] or "png", dpi=120))
-    plt.close(fig)
+    return fig

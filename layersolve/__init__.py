@@ -9,7 +9,8 @@ See DESIGN.md section 1 for the mathematics.
 """
 
 from ._diagnostics import Result, Solution, SolveError, Stats
-from ._driver import Jacobi, Newton, solve
+from ._driver import solve
+from ._newton import Jacobi, Newton
 from ._guesses import Given, Learned, OneStep, Repeat
 from ._recurrence import (ElementwiseMap, IdentityMap, LinearMap, MatrixMap, OperatorMap, ZeroMap,
                           associative_scan)

@@ -14,54 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
 
 import torch
 
 from ._diagnostics import Result, Solution, SolveError, Stats
 from ._guesses import Given, Repeat
-from ._recurrence import METHODS
+from ._newton import Newton
 from ._schedule import Parallel, Schedule, Sequential
 from ._system import LayerSystem, machine_tolerance
-from .jacobians import Identity, Jacobian, Step, Work, Zero
+from .jacobians import Step, Work
 
 Tensor = torch.Tensor
 ON_DIVERGENCE = ("stop", "sequential")
-
-
-@dataclass(frozen=True)
-class Newton:
-    """The solver: a surrogate Jacobian strategy and how to use it.
-
-    jacobian:   the strategy (Zero, Identity, Scaled, Mixing, Diagonal, Exact).
-    damping:    d in [0, 1]; the surrogate is multiplied by 1 - d (d = 1 is Jacobi; ELK-style trust region).
-    recurrence: "scan" (associative, log depth) or "sweep" (sequential) for structured surrogates.
-    divergence: a solve has diverged when the largest residual norm max_l ||h_l - f_l(h_{l-1})|| grows past
-                divergence times that of the initial guess (floored at sqrt(eps) times the largest layer output,
-                so an exact guess does not make rounding look like growth). Absolute norms, because a relative
-                residual stays bounded when the iterate and its evaluation blow up together. None turns the
-                per-iteration checks off (no host sync per iteration); a non-finite trace is still reported.
-    """
-
-    jacobian: Jacobian = field(default_factory=Identity)
-    damping: float = 0.0
-    recurrence: str = "scan"
-    divergence: float | None = 1e6
-
-    def check(self) -> None:
-        if not isinstance(self.jacobian, Jacobian):
-            raise TypeError(f"Newton.jacobian must be a Jacobian strategy (ls.Identity(), ...), got {self.jacobian!r}")
-        if not (isinstance(self.damping, (int, float)) and 0.0 <= self.damping <= 1.0):
-            raise ValueError(f"damping must be a number in [0, 1], got {self.damping!r}")
-        if self.recurrence not in METHODS:
-            raise ValueError(f"recurrence must be one of {METHODS}, got {self.recurrence!r}")
-        if self.divergence is not None and not self.divergence > 0:
-            raise ValueError(f"divergence must be positive or None, got {self.divergence!r}")
-
-
-def Jacobi(divergence: float | None = 1e6) -> Newton:
-    """The readable alias of Newton(jacobian=Zero()): h_l^{k+1} = f_l(h_{l-1}^k)."""
-    return Newton(jacobian=Zero(), divergence=divergence)
 
 
 def solve(system: LayerSystem, h0: Tensor, solver: Newton | None = None, *, iters: int | None = None,

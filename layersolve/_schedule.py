@@ -7,10 +7,9 @@ Schedule.tail(L, n_par) = [Sequential(L - n_par), Parallel(n_par)].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
-if TYPE_CHECKING:
-    from ._driver import Newton
+from ._newton import Newton
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,16 @@
-"""models: nanochat GPT and mHC models plugged into layersolve, and the `snlp` command.
+"""models: nanochat GPT and mHC plugged into layersolve.
 
-The Transformer models, SNLP forward, decoding and training arrive with the models and training issues; for now
-this package holds the command line and its toy demo."""
+    nanochat/   the model: config, modules, block maths, hyper-connections, fusion, checkpoints
+    inference/  SNLP over the model: plans, the layer-parallel forward, KV-cache decoding
+    training/   corpus, tokenizer, optimizer, training loop, regularizer, evaluation
+    tools/      the `snlp` command, benchmarks, demo (the only room that imports `analysis`)
+    io.py       atomic writes
+
+Imports run down: tools -> training -> inference -> nanochat -> layersolve, never back up. The two names most
+code needs are re-exported: `from models import nanochat, snlp`.
+"""
+
+from . import nanochat
+from .inference import snlp
+
+__all__ = ["nanochat", "snlp"]

@@ -120,7 +120,7 @@ SEQ_LEN = 150
 
 
 def tiny_config(**overrides):
-    from models.gpt import GPTConfig
+    from models.nanochat.gpt import GPTConfig
 
     base = dict(sequence_len=256, vocab_size=100, n_layer=6, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SSSL")
     return GPTConfig(**{**base, **overrides})
@@ -130,7 +130,7 @@ def random_model(cfg, *, seed: int = 0, dtype=torch.float64, scale: float = 0.15
     """A model with every parameter random and non-zero. nanochat zero-initializes both output projections, which
     would hide any bug in what they multiply; the small scale keeps the blocks mildly nonlinear, like a trained
     network's, so surrogate solves do not overflow before K = n_par."""
-    from models.gpt import GPT
+    from models.nanochat.gpt import GPT
 
     model = GPT(cfg).to(dtype)
     g = torch.Generator().manual_seed(seed)

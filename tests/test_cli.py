@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from models import cli
+from models.tools import cli
 
 
 def test_toy_demo_writes_results(tmp_path, capsys):
@@ -105,8 +105,8 @@ def test_bad_corpus_and_vocabulary(trained_run, tmp_path, capsys):
     other.mkdir()
     for f in trained_run.glob("*_000004.*"):
         (other / f.name).write_bytes(f.read_bytes())
-    from models.data import load_corpus
-    from models.tokenizer import train_tokenizer
+    from models.training.data import load_corpus
+    from models.training.tokenizer import train_tokenizer
     train_tokenizer([load_corpus(None).texts[0][:50000]], 300).save(other / "tokenizer")
     assert cli.main(["eval", str(other)]) == 2
     assert "has 300 tokens but the model's vocab_size is 512" in capsys.readouterr().err

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from models import data
-from models import tokenizer as tk
-from models.data import Corpus, TokenLoader, TokenStream
+from models.training import data
+from models.training import tokenizer as tk
+from models.training.data import Corpus, TokenLoader, TokenStream
 
 
 def corpus_of(*texts):
@@ -174,7 +174,7 @@ def test_token_stream_cache_is_reused_and_keyed(tmp_path, small_corpus, tokenize
 
 def test_bits_per_byte_numbers_are_consistent(tmp_path):
     """On the default corpus's validation split: the tokens decode to exactly the text's bytes."""
-    tokenizer = tk.default_tokenizer(tmp_path, 512)
+    tokenizer = data.default_tokenizer(tmp_path, 512)
     _, val = data.load_corpus(None).split()
     stream = data.token_stream(val, tokenizer, tmp_path)
     assert stream.num_bytes == val.num_bytes > 0 and stream.num_tokens > 0

@@ -5,8 +5,8 @@ import torch
 
 import layersolve as ls
 from helpers import random_model, tiny_config, tokens
-from models import snlp
-from models.decode import Decoder, generate
+from models.inference import snlp
+from models.inference.decode import Decoder, generate
 
 
 def greedy_full_forward(forward, prompt, max_new):

@@ -7,7 +7,8 @@ import torch
 
 from helpers import random_model, tiny_config, tokens
 from models import nanochat
-from models.gpt import GPT
+from models.nanochat import checkpoint
+from models.nanochat.gpt import GPT
 
 
 def write_nanochat_style(directory, model, step=5, config=None, state=None):
@@ -38,7 +39,7 @@ def test_round_trip(tmp_path):
 def test_plain_models_write_an_upstream_config(tmp_path):
     nanochat.save(random_model(tiny_config(), dtype=torch.float32), tmp_path, 1)
     config = json.loads((tmp_path / "meta_000001.json").read_text())["model_config"]
-    assert set(config) == set(nanochat.UPSTREAM_FIELDS)  # upstream nanochat's GPTConfig(**config) accepts it
+    assert set(config) == set(checkpoint.UPSTREAM_FIELDS)  # upstream nanochat's GPTConfig(**config) accepts it
 
 
 def test_loads_what_nanochat_writes(tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 import layersolve as ls
 from helpers import MODEL_CONFIGS, SEQ_LEN, random_model, tiny_config, tokens
-from models import snlp
+from models.inference import snlp
 
 
 def strategies(cfg):
@@ -24,7 +24,8 @@ def test_k_equals_n_par_reproduces_the_sequential_logits(name):
     expected = model(idx)
     for label, jacobian in strategies(cfg).items():
         for n_par in (3, 6):
-            logits, stats = snlp.forward(model, idx, snlp.Plan(n_par=n_par, jacobian=jacobian, iters=n_par))
+            out = snlp.forward(model, idx, snlp.Plan(n_par=n_par, jacobian=jacobian, iters=n_par))
+            logits, stats = out.logits, out.stats
             torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10, msg=f"{label} n_par={n_par}")
             assert stats.iterations == n_par and stats.exact_prefix[-1] == n_par
 
@@ -34,7 +35,7 @@ def test_float32_exactness_to_1e_4():
     model = random_model(cfg, seed=5, dtype=torch.float32)
     idx = tokens(2, 64, seed=5)
     for jacobian in (ls.Identity(), ls.Mixing()):
-        logits, _ = snlp.forward(model, idx, snlp.Plan(n_par=6, jacobian=jacobian, iters=6))
+        logits = snlp.forward(model, idx, snlp.Plan(n_par=6, jacobian=jacobian, iters=6)).logits
         torch.testing.assert_close(logits, model(idx), rtol=1e-4, atol=1e-4)
 
 
@@ -45,7 +46,7 @@ def test_idn_k1_is_the_prefix_sum_of_branch_outputs():
     model = random_model(cfg, seed=6)
     idx = tokens(2, 40, seed=6)
     n_par, start = 4, 2
-    logits, _ = snlp.forward(model, idx, snlp.Plan(n_par=n_par, iters=1))
+    logits = snlp.forward(model, idx, snlp.Plan(n_par=n_par, iters=1)).logits
     emb = model.embed(idx)
     trace = model.trace(emb, start)
     h_init = trace[-1]
@@ -64,15 +65,15 @@ def test_fused_plans_converge_to_the_fused_model(fuse):
     assert trace.shape[0] == 6 // fuse + 1
     assert not torch.allclose(reference, model(idx))  # a fused model is a different function
     for jacobian in (ls.Identity(), ls.Scaled(), ls.Zero()):
-        logits, _ = snlp.forward(model, idx, snlp.Plan(n_par=6, fuse=fuse, iters=6 // fuse, jacobian=jacobian))
+        logits = snlp.forward(model, idx, snlp.Plan(n_par=6, fuse=fuse, iters=6 // fuse, jacobian=jacobian)).logits
         torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-10)
 
 
 def test_a_fused_chunk_sums_its_blocks_branches():
     """One fused chunk of two blocks: x + attn_1(n(x)) + attn_2(n(x)), then + mlp_1(n(.)) + mlp_2(n(.)), with
     x the averaged blend, each attention with its own window and value embedding."""
-    from models.fusion import fuse_value_embeddings, fuse_weights
-    from models.layers import Context, attention, block_forward, mlp, norm
+    from models.nanochat.fusion import fuse_value_embeddings, fuse_weights
+    from models.nanochat.block import Context, attention, block_forward, mlp, norm
 
     cfg = tiny_config(n_layer=2, window_pattern="SL")
     model = random_model(cfg, seed=8)
@@ -97,10 +98,10 @@ def test_preheat_is_a_better_guess_than_repeat():
     learned = snlp.fit_preheat(model, calibration, plan, rank=8)
     idx = tokens(2, 64, seed=99)
     expected = model(idx)
-    repeat, _ = snlp.forward(model, idx, plan)
-    warm, _ = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=1, init=learned))
+    repeat = snlp.forward(model, idx, plan).logits
+    warm = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=1, init=learned)).logits
     assert (warm - expected).norm() < (repeat - expected).norm()
-    exact, _ = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=4, init=learned))
+    exact = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=4, init=learned)).logits
     torch.testing.assert_close(exact, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -108,7 +109,8 @@ def test_tolerance_and_stats():
     model = random_model(tiny_config(), seed=10)
     idx = tokens(2, 32, seed=10)
     _, trace = snlp.sequential_trace(model, idx, snlp.Plan(n_par=6))
-    logits, stats = snlp.forward(model, idx, snlp.Plan(n_par=6, iters=None, tol=1e-9), reference=trace)
+    out = snlp.forward(model, idx, snlp.Plan(n_par=6, iters=None, tol=1e-9), reference=trace)
+    logits, stats = out.logits, out.stats
     assert stats.final_residual() <= 1e-9 and stats.error[-1].max() <= 1e-8
     torch.testing.assert_close(logits, model(idx), rtol=1e-7, atol=1e-7)
 
@@ -125,7 +127,7 @@ def test_tail_weights_are_built_once_and_follow_updates():
 
 def test_gradients_flow_through_the_snlp_forward():
     model = random_model(tiny_config(), seed=12, dtype=torch.float32).requires_grad_(True)
-    logits, _ = snlp.forward(model, tokens(1, 16, seed=12), snlp.Plan(n_par=4, iters=2))
+    logits = snlp.forward(model, tokens(1, 16, seed=12), snlp.Plan(n_par=4, iters=2)).logits
     logits.square().mean().backward()
     assert model.transformer.h[5].attn.c_q.weight.grad.abs().sum() > 0
     assert model.resid_lambdas.grad.abs().sum() > 0
@@ -161,8 +163,9 @@ class TestBadPlans:
         wild = random_model(tiny_config(), seed=0, scale=3.0)
         with pytest.raises(ls.SolveError):
             snlp.forward(wild, self.idx, snlp.Plan(n_par=6, jacobian=ls.Diagonal(probes=1), iters=6))
-        logits, stats = snlp.forward(wild, self.idx, snlp.Plan(n_par=6, jacobian=ls.Diagonal(probes=1), iters=6,
+        out = snlp.forward(wild, self.idx, snlp.Plan(n_par=6, jacobian=ls.Diagonal(probes=1), iters=6,
                                                                on_divergence="sequential"))
+        logits, stats = out.logits, out.stats
         torch.testing.assert_close(logits, wild(self.idx), rtol=1e-10, atol=1e-10)
         assert stats.fallback_layers > 0
 
@@ -175,7 +178,7 @@ def test_every_initial_guess_keeps_finite_termination(init):
     _, exact = snlp.sequential_trace(model, idx, plan)
     guesses = {"repeat": "repeat", "one_step": "one_step", "given": ls.Given(exact + 0.1 * torch.randn_like(exact)),
                "preheat": snlp.fit_preheat(model, [tokens(2, 48, seed=1)], plan, rank=4)}
-    logits, stats = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=4, init=guesses[init]))
+    logits = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=4, init=guesses[init])).logits
     torch.testing.assert_close(logits, model(idx), rtol=1e-10, atol=1e-10)
-    exact_guess, _ = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=0, init=ls.Given(exact)))
+    exact_guess = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=0, init=ls.Given(exact))).logits
     torch.testing.assert_close(exact_guess, model(idx), rtol=1e-12, atol=1e-12)

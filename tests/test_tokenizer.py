@@ -6,8 +6,8 @@ import pytest
 import tiktoken
 import torch
 
-from models import data
-from models import tokenizer as tk
+from models.training import data
+from models.training import tokenizer as tk
 
 # nanochat/tokenizer.py's SPLIT_PATTERN, copied here so an edit of ours that drifts from it fails.
 NANOCHAT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -118,8 +118,8 @@ def test_default_tokenizer_is_trained_once_on_the_training_split(tmp_path, monke
         return original(trained_on[-1], vocab_size)
 
     monkeypatch.setattr(tk, "train_tokenizer", counting)
-    first = tk.default_tokenizer(tmp_path, 512)
-    second = tk.default_tokenizer(tmp_path, 512)
+    first = data.default_tokenizer(tmp_path, 512)
+    second = data.default_tokenizer(tmp_path, 512)
     assert len(trained_on) == 1, "the second call retrained instead of reading the cache"
     assert second.fingerprint == first.fingerprint and second.get_vocab_size() == 512
     [directory] = tmp_path.iterdir()

@@ -11,12 +11,14 @@ import torch.multiprocessing as mp
 
 import layersolve as ls
 from helpers import random_model, tiny_config, tokens
-from models import nanochat, snlp
-from models.gpt import GPTConfig
-from models.regularizer import Regularizer, snlp_loss
-from models.data import TokenLoader
-from models.gpt import GPT
-from models.train import Data, Distributed, StepLoss, TrainConfig, train
+from models import nanochat
+from models.inference import snlp
+from models.nanochat.gpt import GPTConfig
+from models.training.regularizer import Regularizer, snlp_loss
+from models.training.data import TokenLoader
+from models.nanochat.gpt import GPT
+from models.training.config import TrainConfig
+from models.training.loop import Data, Distributed, StepLoss, train
 
 MODEL = GPTConfig(sequence_len=32, vocab_size=512, n_layer=4, n_head=1, n_kv_head=1, n_embd=64)
 BASE = TrainConfig(model=MODEL, steps=6, batch_size=4, warmup_steps=2, eval_every=0, eval_tokens=1024)
@@ -45,7 +47,7 @@ def test_resume_continues_bit_for_bit(data, tmp_path, monkeypatch):
     cfg = dataclasses.replace(BASE, save_every=3, regularizer=Regularizer(n_par_configs=(2,)), reg_lambda=0.5)
     straight = train(cfg, data, tmp_path / "a", show_progress=False)
 
-    from models import train as train_module
+    from models.training import loop as train_module
     original = train_module.TokenLoader.__next__
     calls = {"n": 0}
 

@@ -15,8 +15,8 @@ import torch
 
 import layersolve as ls
 
-from . import snlp
-from .gpt import GPT
+from ..inference import snlp
+from ..nanochat.gpt import GPT
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def run(model: GPT, idx: torch.Tensor, cases: list[Case], warmup: int = 3, repea
     rows = []
     for i, case in enumerate(cases, start=1):
         def call():
-            return model(idx) if case.plan is None else snlp.forward(model, idx, case.plan, throw=False)[0]
+            return model(idx) if case.plan is None else snlp.forward(model, idx, case.plan, throw=False).logits
         for _ in range(warmup):
             call()
         times = [timed(call) for _ in range(repeats)]
@@ -99,9 +99,9 @@ def train_step_times(cfg, modes: dict, batch: tuple[torch.Tensor, torch.Tensor],
     `modes` (name -> TrainConfig), on one fixed batch; ratios against the first."""
     import dataclasses as dc
 
-    from .gpt import GPT
-    from .optim import cpu_float32_newton_schulz, optimizers
-    from .train import StepLoss
+    from ..nanochat.gpt import GPT
+    from ..training.optim import cpu_float32_newton_schulz, optimizers
+    from ..training.loop import StepLoss
 
     x, y = batch
     rows = []

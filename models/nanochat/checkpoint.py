@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.io import write_atomic, write_json
+from ..io import write_atomic, write_json
 
 from .gpt import GPT, GPTConfig, has_ve
 

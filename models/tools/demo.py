@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 import layersolve as ls
-from analysis import convergence_record, convergence_table, plot_convergence, write_json
+from analysis import convergence_record, convergence_table, plot_convergence, plot_frontier
+
+from ..io import save_figure, write_json
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,14 @@ def run_toy(out_dir: Path, cfg: ToyConfig = ToyConfig(), tol: float = 1e-10) -> 
     print(convergence_table(runs))
     results = {"config": cfg.__dict__, "tol": tol, "runs": rows}
     write_json(out_dir / "demo.json", results)
-    plot_convergence(runs, out_dir / "demo_convergence.png",
-                     title=f"{cfg.layers} residual blocks, width {cfg.width}: error vs sequential")
+    save_figure(plot_convergence(runs, title=f"{cfg.layers} residual blocks, width {cfg.width}: error vs sequential"),
+                out_dir / "demo_convergence.png")
     print(f"\nwrote {out_dir / 'demo.json'} and {out_dir / 'demo_convergence.png'}")
     return results
 
 
 def demo_plans(n_layer: int) -> list:
-    from . import snlp
+    from ..inference import snlp
 
     half = n_layer // 2
     return [snlp.Plan(n_par=half, jacobian=j, iters=k) for j in (ls.Zero(), ls.Identity()) for k in (1, 2, 4)]
@@ -85,8 +87,9 @@ def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Pa
     demo.json and the plots into out_dir."""
     import dataclasses
 
-    from . import evaluate, snlp
-    from .train import Data, train
+    from ..training import evaluate
+    from ..inference import snlp
+    from ..training.loop import Data, train
 
     data = Data.prepare(None, cfg.model.vocab_size, cache_dir)
     validation = data.validation(cfg)
@@ -100,7 +103,7 @@ def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Pa
         print(f"== training {name} ({run_cfg.steps} steps)", flush=True)
         metrics = train(run_cfg, data, out_dir / name)
         data.tokenizer.save(out_dir / name / "tokenizer")
-        from . import nanochat
+        from .. import nanochat
 
         model = nanochat.load(out_dir / name).eval()
         print(f"== evaluating {name}", flush=True)
@@ -113,12 +116,12 @@ def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Pa
             plan = snlp.Plan(n_par=half, jacobian=jac, iters=half)
             _, exact = snlp.sequential_trace(model, x, plan)
             with torch.no_grad():
-                _, stats = snlp.forward(model, x, plan, throw=False, reference=exact)
+                stats = snlp.forward(model, x, plan, throw=False, reference=exact).stats
             convergence[f"{name}: {label}"] = stats
     write_json(out_dir / "demo.json", report)
-    plot_convergence(convergence, out_dir / "convergence.png",
-                     title="last-half solve vs the sequential trace (one batch)")
-    _plot_frontier(report, out_dir / "frontier.png")
+    save_figure(plot_convergence(convergence, title="last-half solve vs the sequential trace (one batch)"),
+                out_dir / "convergence.png")
+    save_figure(plot_frontier({name: m["grid"] for name, m in report["models"].items()}), out_dir / "frontier.png")
     text = _report_text(report)
     (out_dir / "report.md").write_text(text)
     print("\n" + text)
@@ -127,38 +130,10 @@ def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Pa
 
 
 def _report_text(report: dict) -> str:
-    from .evaluate import grid_table
+    from ..training.evaluate import grid_table
 
     lines = ["# SNLP demo: baseline vs IDN-regularized on the embedded Shakespeare corpus", "",
              f"unigram baseline: loss {report['unigram_loss']:.3f}, ppl {report['unigram_ppl']:.1f}", ""]
     for name, model in report["models"].items():
         lines += [f"## {name}", "", "```", grid_table(model["grid"]), "```", ""]
     return "\n".join(lines)
-
-
-def _plot_frontier(report: dict, path: Path) -> None:
-    """Validation perplexity against K for Jacobi and IDN, both models, with each model's sequential PPL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from analysis import write_atomic
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (name, model), color in zip(report["models"].items(), ("C0", "C1")):
-        grid = model["grid"]
-        ax.axhline(grid["sequential"]["quality"]["ppl"], color=color, linestyle=":", label=f"{name}: sequential")
-        for method, style in (("Jacobi", "--"), ("IDN", "-")):
-            points = sorted((int(k.split(" K")[1].split()[0]), r["quality"]["ppl"])
-                            for k, r in grid.items() if k.startswith(method + " "))
-            ax.plot(*zip(*points), style, color=color, marker="o", label=f"{name}: {method}")
-    ax.set_yscale("log")
-    ax.set_xticks([1, 2, 4])
-    ax.set_xlabel("Newton iterations K over the last half of the layers")
-    ax.set_ylabel("validation perplexity")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)

@@ -12,6 +12,8 @@ import torch
 
 import layersolve as ls
 
+from ..io import write_json
+
 CACHE = Path(os.environ.get("SNLP_CACHE", "snlp-out/cache"))  # tokenizers and tokenized corpora
 LATER = {"study": "studies arrive with the analysis notebooks"}
 
@@ -27,7 +29,7 @@ STRATEGIES = ("jacobi", "idn", "scaled", "hcn", "diagonal")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    from .train import PRESETS
+    from ..training.config import PRESETS
 
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="base configuration (default tiny)")
     p.add_argument("--steps", type=int, help="optimizer steps")
@@ -62,9 +64,9 @@ def _reg_flags(p: argparse.ArgumentParser) -> None:
 
 def train_config(args):
     """The TrainConfig the flags describe."""
-    from .gpt import GPTConfig
-    from .regularizer import Regularizer
-    from .train import PRESETS, gpu_model
+    from ..nanochat.gpt import GPTConfig
+    from ..training.regularizer import Regularizer
+    from ..training.config import PRESETS, gpu_model
 
     cfg = PRESETS[args.preset]
     model = cfg.model
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _demo(args) -> int:
     from . import demo
-    from .regularizer import Regularizer
+    from ..training.regularizer import Regularizer
 
     if args.toy:
         width = args.width or 32
@@ -187,8 +189,8 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
-    from . import snlp
-    from .train import Data, train
+    from ..inference import snlp
+    from ..training.loop import Data, train
 
     cfg = train_config(args)
     if args.sft_n_par:
@@ -204,8 +206,8 @@ def _train(args) -> int:
 
 
 def _load_run(directory: Path, step=None):
-    from . import nanochat
-    from .tokenizer import Tokenizer
+    from .. import nanochat
+    from ..training.tokenizer import Tokenizer
 
     model = nanochat.load(directory, step).eval()
     tokenizer = Tokenizer.load(directory / "tokenizer")
@@ -216,10 +218,9 @@ def _load_run(directory: Path, step=None):
 
 
 def _eval(args) -> int:
-    from analysis import write_json
-
-    from . import evaluate, snlp
-    from .data import load_corpus, token_stream
+    from ..training import evaluate
+    from ..inference import snlp
+    from ..training.data import load_corpus, token_stream
 
     model, tokenizer = _load_run(args.checkpoint, args.step)
     _, val_text = load_corpus(args.corpus).split()
@@ -249,8 +250,8 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
-    from . import snlp
-    from .decode import generate
+    from ..inference import snlp
+    from ..inference.decode import generate
 
     model, tokenizer = _load_run(args.checkpoint)
     plan = None if args.n_par is None else snlp.Plan(n_par=args.n_par, iters=args.iters,
@@ -262,10 +263,8 @@ def _generate(args) -> int:
 
 
 def _bench(args) -> int:
-    from analysis import write_json
-
     from . import bench
-    from .gpt import GPT, GPTConfig
+    from ..nanochat.gpt import GPT, GPTConfig
 
     if args.train:
         return _bench_train(args)
@@ -290,11 +289,9 @@ def _bench(args) -> int:
 
 
 def _bench_train(args) -> int:
-    from analysis import write_json
-
     from . import bench
-    from .regularizer import Regularizer
-    from .train import PRESETS
+    from ..training.regularizer import Regularizer
+    from ..training.config import PRESETS
 
     cfg = PRESETS["tiny"]
     L = cfg.model.n_layer

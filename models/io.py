@@ -1,5 +1,6 @@
-"""Atomic writes: write to a temporary file beside the target, then rename, so an interrupted run never leaves a
-half-written result or checkpoint behind (the old file stays until the new one is complete)."""
+"""Atomic writes for checkpoints and results: write to a temporary file beside the target, then rename, so an
+interrupted run never leaves a half-written file behind (the old file stays until the new one is complete).
+A leaf module: every part of `models` may import it."""
 
 from __future__ import annotations
 
@@ -34,3 +35,14 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     """Write obj as indented JSON, atomically."""
     text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n"
     return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Save a matplotlib figure atomically (format from the suffix, png by default) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        return write_atomic(path, lambda f: fig.savefig(f, format=path.suffix[1:] or "png", dpi=dpi))
+    finally:
+        plt.close(fig)

@@ -10,16 +10,13 @@ torch's bfloat16 path.
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import torch
 import torch.optim._muon as _muon
 from torch import nn
 
-from .gpt import GPT
-
-if TYPE_CHECKING:
-    from .train import TrainConfig
+from ..nanochat.gpt import GPT
+from .config import TrainConfig
 
 
 def lr_multiplier(cfg: TrainConfig, step: int) -> float:

@@ -25,8 +25,8 @@ import torch
 
 import layersolve as ls
 
-from .gpt import GPT, Embedded
-from .layers import Context, at_least_float32, block_forward, cat_weights
+from ..nanochat.gpt import GPT, Embedded
+from ..nanochat.block import Context, at_least_float32, block_forward, cat_weights
 
 MODES = ("all", "sample", "batched")
 

@@ -2,7 +2,7 @@
 fused M at a time into C = n_par / M chunks) solved in parallel by layersolve with a surrogate Newton correction.
 
     plan = snlp.Plan(n_par=8, jacobian=ls.Identity(), iters=2)
-    logits, stats = snlp.forward(model, idx, plan)
+    out = snlp.forward(model, idx, plan)      # out.logits, out.result, out.stats
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 
 import layersolve as ls
 
-from .gpt import GPT
-from .layers import BlockWeights
+from ..nanochat.gpt import GPT
+from ..nanochat.block import BlockWeights
 
 INITS = {"repeat": ls.Repeat(), "one_step": ls.OneStep()}
 
@@ -98,14 +98,26 @@ def prepare(model: GPT, idx: torch.Tensor, plan: Plan) -> Tail:
     return Tail(prefix, system, start)
 
 
+@dataclass(frozen=True)
+class Output:
+    """What `forward` returns: the logits (B, T, vocab_size), and how the tail's solve ended (`result`, a
+    layersolve `Result`; `result.ok` is False for a diverged or non-finite solve, whose logits are not the model's)
+    with its `stats`."""
+
+    logits: torch.Tensor
+    result: ls.Result
+    stats: ls.Stats
+
+
 def forward(model: GPT, idx: torch.Tensor, plan: Plan, throw: bool = True,
-            reference: torch.Tensor | None = None) -> tuple[torch.Tensor, ls.Stats]:
-    """The layer-parallel forward: logits (B, T, vocab_size) and the tail solve's stats. `reference`: the tail's
-    exact trace (from `sequential_trace`), to record errors per iterate in the stats."""
+            reference: torch.Tensor | None = None) -> Output:
+    """The layer-parallel forward. `throw`: raise `ls.SolveError` when the solve fails (else report it in the
+    output's `result`). `reference`: the tail's exact trace (from `sequential_trace`), to record errors per iterate
+    in the stats."""
     tail = prepare(model, idx, plan)
     sol = ls.solve(tail.system, tail.prefix[-1], plan.solver(), iters=plan.iters, tol=plan.tol, init=plan.guess(),
                    reference=reference, on_divergence=plan.on_divergence, throw=throw)
-    return tail.logits(model, sol.trace, plan.fuse), sol.stats
+    return Output(tail.logits(model, sol.trace, plan.fuse), sol.result, sol.stats)
 
 
 def sequential_trace(model: GPT, idx: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from .layers import BlockWeights
+from .block import BlockWeights
 
 
 def _rows(t: torch.Tensor, m: int) -> torch.Tensor:

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 import layersolve as ls
 
-from . import snlp
+from ..inference import snlp
 from .data import TokenStream, bpb_sums
-from .decode import generate
-from .gpt import GPT
+from ..inference.decode import generate
+from ..nanochat.gpt import GPT
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ def plan_metrics(model: GPT, val: Validation, plan: snlp.Plan | None) -> dict:
         else:
             _, exact = snlp.sequential_trace(model, x, plan)
             t1 = time.perf_counter()
-            logits, stats = snlp.forward(model, x, plan, throw=False, reference=exact)
+            out = snlp.forward(model, x, plan, throw=False, reference=exact)
+            logits, stats = out.logits, out.stats
             errors = stats.error[-1]
             layer_error = errors if layer_error is None else torch.maximum(layer_error, errors)
         t2 = time.perf_counter()

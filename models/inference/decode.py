@@ -16,8 +16,8 @@ import torch
 
 import layersolve as ls
 
-from .gpt import GPT
-from .layers import block_forward, block_kv
+from ..nanochat.gpt import GPT
+from ..nanochat.block import block_forward, block_kv
 from .snlp import Plan, Tail, tail_weights
 
 

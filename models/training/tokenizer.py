@@ -19,9 +19,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from analysis.io import write_atomic
-
-from . import data
+from ..io import write_atomic
 
 # nanochat's GPT-4-style pattern: digits are split in runs of at most 2 (GPT-4 uses 3).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -115,8 +113,8 @@ class Tokenizer:
         path = Path(directory) / ENCODING_FILE
         if not path.is_file():
             raise TokenizerNotFoundError(
-                f"{path}: no tokenizer here; train one with models.tokenizer.train_tokenizer(texts, vocab_size)"
-                f".save({str(directory)!r}), use default_tokenizer(cache_dir, vocab_size), or run nanochat's "
+                f"{path}: no tokenizer here; train one with models.training.tokenizer.train_tokenizer(texts, vocab_size)"
+                f".save({str(directory)!r}), use models.training.data.default_tokenizer(cache_dir, vocab_size), or run nanochat's "
                 "`python -m scripts.tok_train` and point to its tokenizer directory")
         try:
             with open(path, "rb") as f:
@@ -146,20 +144,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
                                        special_tokens=specials))
 
 
-def default_tokenizer(cache_dir: str | Path, vocab_size: int) -> Tokenizer:
-    """The tokenizer of the default corpus's training split, trained once and then read from
-    `<cache_dir>/tokenizer-<vocab_size>-<key>/`, the key a hash of the training text, split pattern and special
-    tokens. The validation plays are never seen, so validation bits per byte are honest."""
-    train, _ = data.load_corpus(None).split()
-    directory = Path(cache_dir) / f"tokenizer-{vocab_size}-{_training_key(train.texts)}"
-    if (directory / ENCODING_FILE).is_file():
-        return Tokenizer.load(directory)
-    tokenizer = train_tokenizer(train.texts, vocab_size)
-    tokenizer.save(directory)
-    return tokenizer
-
-
-def _training_key(texts: tuple[str, ...]) -> str:
+def training_key(texts: tuple[str, ...]) -> str:
     digest = hashlib.blake2b("\0".join((SPLIT_PATTERN, *SPECIAL_TOKENS)).encode(), digest_size=6)
     for text in texts:
         digest.update(hashlib.blake2b(text.encode(), digest_size=16).digest())

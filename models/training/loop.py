@@ -11,7 +11,6 @@ Under torchrun the step is data-parallel with DDP (nccl on GPU, gloo on CPU), ea
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -25,45 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from analysis.io import write_atomic, write_json
-
-from . import nanochat, snlp
-from .data import TokenLoader, TokenStream, load_corpus, token_stream
+from .. import nanochat
+from ..inference import snlp
+from ..io import write_atomic, write_json
+from ..nanochat.gpt import GPT
+from .config import TrainConfig
+from .data import TokenLoader, TokenStream, default_tokenizer, load_corpus, token_stream
 from .evaluate import Validation, sequential_metrics
-from .gpt import GPT, GPTConfig
 from .optim import cpu_float32_newton_schulz, lr_multiplier, optimizers, reg_weight, unused_parameters
-from .regularizer import Regularizer, snlp_loss
-from .tokenizer import Tokenizer, default_tokenizer, train_tokenizer
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a run; a checkpoint resumes only under an equal config (`steps` may grow)."""
-
-    model: GPTConfig = field(default_factory=GPTConfig)
-    steps: int = 300
-    batch_size: int = 16  # sequences per step, over all ranks
-    matrix_lr: float = 0.02  # Muon
-    embedding_lr: float = 0.3  # AdamW, scaled by (n_embd / 768) ** -0.5 as nanochat does
-    unembedding_lr: float = 0.008
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    warmdown_ratio: float = 0.5
-    final_lr_frac: float = 0.05
-    grad_clip: float = 1.0
-    regularizer: Regularizer | None = None
-    reg_lambda: float = 0.0
-    reg_warmup: float = 0.2  # fraction of training over which w(t) ramps from 0 to 1
-    sft_plan: snlp.Plan | None = None  # train through the SNLP forward instead of the sequential one
-    init_from: str | None = None  # a checkpoint directory to start from (fine-tuning) instead of nanochat's init
-    eval_every: int = 100
-    eval_tokens: int = 16384
-    save_every: int = 0  # 0: only at the end
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=repr))
+from .regularizer import snlp_loss
+from .tokenizer import Tokenizer, train_tokenizer
 
 
 class StepLoss(nn.Module):
@@ -76,7 +46,7 @@ class StepLoss(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, step: int):
         model, cfg = self.model, self.cfg
         if cfg.sft_plan is not None:
-            logits, _ = snlp.forward(model, x, cfg.sft_plan, throw=False)
+            logits = snlp.forward(model, x, cfg.sft_plan, throw=False).logits
             ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             return ce, ce.detach(), torch.zeros(())
         emb = model.embed(x)
@@ -109,27 +79,6 @@ class Distributed:
         if cuda:
             torch.cuda.set_device(device)
         return cls(rank, world, device)
-
-
-def gpu_model(depth: int, aspect_ratio: int = 64, head_dim: int = 128, sequence_len: int = 2048,
-              vocab_size: int = 32768, **options) -> GPTConfig:
-    """nanochat's sizing: n_embd = depth * aspect_ratio rounded up to a multiple of head_dim."""
-    dim = -(-depth * aspect_ratio // head_dim) * head_dim
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=dim // head_dim,
-                     n_kv_head=dim // head_dim, n_embd=dim, **options)
-
-
-PRESETS = {
-    # Trains in a few minutes on a 2-core CPU (0.6 s a step; 1.2 s with the IDN regularizer on 2 configs).
-    "tiny": TrainConfig(model=GPTConfig(sequence_len=128, vocab_size=2048, n_layer=8, n_head=2, n_kv_head=2,
-                                        n_embd=128), steps=250, batch_size=16, warmup_steps=20, eval_every=50,
-                        eval_tokens=16384),
-    # nanochat's d12 and the SNLP paper's 0.5B shape (depth 32, aspect 20: dim 640) for GPUs.
-    "d12": TrainConfig(model=gpu_model(12), steps=5000, batch_size=32, warmup_steps=40, eval_every=250,
-                       eval_tokens=2**20),
-    "snlp-0.5b": TrainConfig(model=gpu_model(32, aspect_ratio=20), steps=20000, batch_size=32, warmup_steps=40,
-                             eval_every=500, eval_tokens=2**20),
-}
 
 
 @dataclass

@@ -19,17 +19,16 @@ import importlib.util
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from analysis.io import write_atomic
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+from ..io import write_atomic
+from . import tokenizer as tk
+from .tokenizer import Tokenizer
 
 VAL_FRACTION = 0.05
 SUFFIXES = (".txt", ".md", ".parquet")
@@ -332,3 +331,16 @@ def bpb_sums(losses: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Ten
     `Tokenizer.token_bytes()` and count in neither sum."""
     nbytes = token_bytes.to(targets.device)[targets]
     return (losses.double() * (nbytes > 0)).sum(), nbytes.sum(dtype=torch.long)
+
+
+def default_tokenizer(cache_dir: str | Path, vocab_size: int) -> Tokenizer:
+    """The tokenizer of the default corpus's training split, trained once and then read from
+    `<cache_dir>/tokenizer-<vocab_size>-<key>/`, the key a hash of the training text, split pattern and special
+    tokens. The validation plays are never seen, so validation bits per byte are honest."""
+    train, _ = load_corpus(None).split()
+    directory = Path(cache_dir) / f"tokenizer-{vocab_size}-{tk.training_key(train.texts)}"
+    if (directory / tk.ENCODING_FILE).is_file():
+        return Tokenizer.load(directory)
+    tokenizer = tk.train_tokenizer(train.texts, vocab_size)
+    tokenizer.save(directory)
+    return tokenizer

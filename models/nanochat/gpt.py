@@ -21,7 +21,7 @@ from torch import nn
 import layersolve as ls
 
 from .fusion import fuse_value_embeddings, fuse_weights
-from .layers import BlockWeights, Context, at_least_float32, block_forward, norm, rotary_tables
+from .block import BlockWeights, Context, at_least_float32, block_forward, norm, rotary_tables
 from .mhc import HCWeights, HyperConnection, sinkhorn_log
 
 SOFTCAP = 15.0
