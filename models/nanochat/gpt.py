@@ -174,10 +174,13 @@ class GPT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None):
+    def init_weights(self, seed: int | None = None, output_std: float = 0.0):
         """nanochat's initialization: embedding N(0, 0.8), lm_head N(0, 0.001), q/k/v and value embeddings
         uniform with std 1/sqrt(D), c_fc at 0.4x that, both output projections zero, resid lambdas decaying from
-        1.15, x0 lambdas from 0.2, small positive gates."""
+        1.15, x0 lambdas from 0.2, small positive gates.
+
+        output_std > 0 draws the output projections from N(0, output_std) instead: a trained-like model whose
+        blocks do something (with zero projections every block is its skip path), for benchmarks and demos."""
         g = None if seed is None else torch.Generator().manual_seed(seed)
         cfg = self.config
         s = 3**0.5 * cfg.n_embd**-0.5
@@ -191,8 +194,8 @@ class GPT(nn.Module):
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 uniform(lin.weight, -s, s)
             uniform(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
-            block.attn.c_proj.weight.zero_()
-            block.mlp.c_proj.weight.zero_()
+            for proj in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
+                proj.copy_(torch.randn(proj.shape, generator=g) * output_std if output_std else torch.zeros_like(proj))
             if block.attn.ve_gate is not None:
                 uniform(block.attn.ve_gate.weight, 0.0, 0.02)
         L = cfg.n_layer

@@ -107,11 +107,7 @@ def train_step_times(cfg, modes: dict, batch: tuple[torch.Tensor, torch.Tensor],
     rows = []
     for i, (name, mode_cfg) in enumerate(modes.items(), start=1):
         model = GPT(mode_cfg.model).to(x.device)
-        model.init_weights(seed=0)
-        with torch.no_grad():  # trained-like blocks: nanochat's zero output projections make every block identity
-            for block in model.transformer.h:
-                block.attn.c_proj.weight.normal_(0, 0.02)
-                block.mlp.c_proj.weight.normal_(0, 0.02)
+        model.init_weights(seed=0, output_std=0.02)
         loss_fn, opts = StepLoss(model, mode_cfg), optimizers(model, mode_cfg)
         timed = _timer(x.device)
 

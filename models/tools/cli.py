@@ -274,11 +274,7 @@ def _bench(args) -> int:
     cfg = GPTConfig(sequence_len=max(args.tokens, 128), vocab_size=512, n_layer=args.depth,
                     n_head=args.width // 64, n_kv_head=args.width // 64, n_embd=args.width)
     model = GPT(cfg)
-    model.init_weights(seed=0)
-    with torch.no_grad():  # nanochat zero-initializes the output projections; give the blocks something to do
-        for block in model.transformer.h:
-            block.attn.c_proj.weight.normal_(0, 0.02)
-            block.mlp.c_proj.weight.normal_(0, 0.02)
+    model.init_weights(seed=0, output_std=0.02)
     model = model.to(args.device).eval()
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens), device=args.device)
     results = bench.run(model, idx, bench.default_cases(cfg.n_layer), repeats=args.repeats)
