@@ -13,19 +13,10 @@ import torch
 import layersolve as ls
 
 from ..io import write_json
+from .names import STRATEGIES, plan_name, strategy
 
 CACHE = Path(os.environ.get("SNLP_CACHE", "snlp-out/cache"))  # tokenizers and tokenized corpora
 LATER = {"study": "studies arrive with the analysis notebooks"}
-
-
-def strategy(name: str, probes: int = 4) -> ls.Jacobian:
-    """Command-line names of the surrogates (SNLP's where it has one)."""
-    table = {"jacobi": ls.Zero(), "idn": ls.Identity(), "scaled": ls.Scaled(), "hcn": ls.Mixing(),
-             "diagonal": ls.Diagonal(probes=probes)}
-    return table[name]
-
-
-STRATEGIES = ("jacobi", "idn", "scaled", "hcn", "diagonal")
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -233,12 +224,12 @@ def _eval(args) -> int:
              for f in args.fuse]
     for plan in plans:
         plan.check(model)
-    rows = evaluate.grid(model, val, plans)
+    rows = evaluate.grid(model, val, {plan_name(p): p for p in plans})
     results = {"checkpoint": str(args.checkpoint), "context": context, "tokens": args.max_tokens, "grid": rows}
     if args.ar_prompts:
         prompts = next(iter(val.stream.validation_batches(args.ar_prompts, 32)))[0]
         results["autoregressive_agreement"] = {
-            evaluate.plan_name(p): evaluate.autoregressive_agreement(model, prompts, args.ar_new, p)
+            plan_name(p): evaluate.autoregressive_agreement(model, prompts, args.ar_new, p)
             for p in plans if p.fuse == 1 and p.init == "repeat"}
     out = args.out or args.checkpoint / "eval.json"
     write_json(out, results)

@@ -17,6 +17,7 @@ import layersolve as ls
 from analysis import convergence_record, convergence_table, plot_convergence, plot_frontier
 
 from ..io import save_figure, write_json
+from .names import plan_name
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Pa
 
         model = nanochat.load(out_dir / name).eval()
         print(f"== evaluating {name}", flush=True)
-        rows = evaluate.grid(model, validation, demo_plans(model.config.n_layer))
+        rows = evaluate.grid(model, validation, {plan_name(p): p for p in demo_plans(model.config.n_layer)})
         report["models"][name] = {"final_train_loss": metrics["train"][-1]["ce"], "evals": metrics["evals"],
                                   "grid": rows}
         x, _ = next(iter(validation.batches()))

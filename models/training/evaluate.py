@@ -7,12 +7,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-import layersolve as ls
 
 from ..inference import snlp
 from .data import TokenStream, bpb_sums
@@ -93,22 +92,12 @@ def plan_metrics(model: GPT, val: Validation, plan: snlp.Plan | None) -> dict:
     return out
 
 
-def plan_name(plan: snlp.Plan) -> str:
-    """SNLP-style names: 'IDN n8 K2 repeat', '4xF2 IDN n8 K1 one_step'."""
-    names = {ls.Zero: "Jacobi", ls.Identity: "IDN", ls.Scaled: "Scaled", ls.Mixing: "HCN", ls.Diagonal: "Diag",
-             ls.Exact: "Exact"}
-    fused = f"{plan.n_par // plan.fuse}xF{plan.fuse} " if plan.fuse > 1 else ""
-    init = plan.init if isinstance(plan.init, str) else type(plan.init).__name__.lower()
-    return f"{fused}{names.get(type(plan.jacobian), type(plan.jacobian).__name__)} n{plan.n_par} K{plan.iters} {init}"
-
-
-def grid(model: GPT, val: Validation, plans: Iterable[snlp.Plan], progress: Callable[[str], None] = print) -> dict:
-    """Sequential quality, then every plan's cell."""
-    plans = list(plans)
+def grid(model: GPT, val: Validation, plans: Mapping[str, snlp.Plan],
+         progress: Callable[[str], None] = print) -> dict:
+    """Sequential quality, then every plan's cell, keyed by the plans' names (the caller names them)."""
     rows = {"sequential": plan_metrics(model, val, None)}
     progress(f"[0/{len(plans)}] sequential: ppl {rows['sequential']['quality']['ppl']:.3f}")
-    for i, plan in enumerate(plans, start=1):
-        name = plan_name(plan)
+    for i, (name, plan) in enumerate(plans.items(), start=1):
         rows[name] = plan_metrics(model, val, plan)
         progress(f"[{i}/{len(plans)}] {name}: ppl {rows[name]['quality']['ppl']:.3f}, "
                  f"top-1 {rows[name]['top1_agreement']:.3f}")
