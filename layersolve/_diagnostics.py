@@ -18,7 +18,8 @@ class Result(enum.Enum):
     CONVERGED = "converged: every layer's relative residual is within tolerance (or K >= layers, which is exact)"
     COMPLETED = "completed the requested iterations; no tolerance was set, so convergence was not checked"
     MAX_ITERS = "reached the iteration limit before every layer's relative residual was within tolerance"
-    DIVERGED = "diverged: the relative residual grew past the divergence bound"
+    DIVERGED = ("diverged: the largest absolute residual norm max_l ||h_l - f_l(h_{l-1})|| grew past `divergence` "
+                "times the initial guess's")
     NONFINITE = "a layer evaluation or residual became non-finite (inf or nan)"
     FELL_BACK = "diverged, and the remaining layers were finished sequentially: the trace is exact"
 
@@ -51,10 +52,13 @@ class Stats:
     iterations:   Newton iterations made (parallel evaluations after the initial guess).
     evaluations:  layer evaluations made (one layer applied to one state counts 1).
     jvps:         layer Jacobian-vector products made (exact and diagonal strategies).
+    inner_iterations: GMRES inner iterations (Exact(method=ls.GMRES())), summed over Newton iterations and
+                  segments; 0 for the other strategies.
     depth:        evaluation steps on the critical path: a parallel evaluation of any number of layers counts 1,
                   a sequential run of n layers counts n.
     fallback_layers: layers finished sequentially after a divergence (`on_divergence="sequential"`).
-    segments:     per-segment records of a scheduled solve; empty for a single segment.
+    segments:     per-segment records of a scheduled solve, one per segment; empty for a single segment. A
+                  segment skipped after a failed one has one unevaluated (NaN) row, exact prefix 0 and no work.
     """
 
     residual: torch.Tensor
@@ -64,6 +68,7 @@ class Stats:
     iterations: int
     evaluations: int
     jvps: int
+    inner_iterations: int
     depth: int
     prefix_tol: float
     fallback_layers: int = 0
@@ -82,7 +87,8 @@ class Stats:
         """A few readable lines: counts, and the residual and error per iterate (max over layers)."""
         lines = [
             f"layers={self.num_layers} iterations={self.iterations} evaluations={self.evaluations} "
-            f"jvps={self.jvps} depth={self.depth} fallback_layers={self.fallback_layers}"
+            f"jvps={self.jvps} inner_iterations={self.inner_iterations} depth={self.depth} "
+            f"fallback_layers={self.fallback_layers}"
         ]
         for k in range(self.residual.shape[0]):
             res = self.residual[k]
@@ -97,13 +103,10 @@ class Stats:
 class SolveError(RuntimeError):
     """Raised by `solve(..., throw=True)` when the result is not ok. Carries `result` and `stats`."""
 
-    def __init__(self, result: Result, stats: Stats, detail: str = ""):
+    def __init__(self, result: Result, stats: Stats):
         self.result = result
         self.stats = stats
-        message = f"{result.name}: {result.value}"
-        if detail:
-            message += f" ({detail})"
-        super().__init__(message + "\n" + stats.summary())
+        super().__init__(f"{result.name}: {result.value}\n{stats.summary()}")
 
 
 @dataclass(frozen=True)

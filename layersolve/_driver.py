@@ -1,4 +1,4 @@
-"""The one Newton driver over depth (DESIGN section 1).
+"""The one Newton driver over depth (docs/math.md).
 
 Each iteration evaluates every layer of a segment at the current iterate in one parallel call,
 F_l = f_l(h_{l-1}^k), then solves the surrogate's linear recurrence for the change of the trace:
@@ -57,10 +57,11 @@ def solve(system: LayerSystem, h0: Tensor, solver: Newton | None = None, *, iter
     pieces, records, results = [h0[None]], [], []
     for seg, layers in schedule.slices():
         start = pieces[-1][-1]
-        if results and not results[-1].ok:  # a failed segment leaves nothing to start from
-            pieces.append(torch.full((seg.layers, *h0.shape), float("nan"), dtype=h0.dtype, device=h0.device))
-            continue
         ref = None if reference is None else reference[layers.start:layers.stop + 1]
+        if results and not results[-1].ok:  # a failed segment leaves nothing to start from
+            pieces.append(torch.full((seg.layers, *h0.shape), math.nan, dtype=h0.dtype, device=h0.device))
+            records.append(_skipped(seg.layers, ref, machine_tolerance(h0.dtype)))
+            continue
         if isinstance(seg, Sequential):
             trace, result, stats = _sequential(system, layers, start, ref)
         else:
@@ -84,9 +85,7 @@ def _check_arguments(system, h0, solver, iters, tol, init, schedule, reference, 
     if not isinstance(system, LayerSystem):
         raise TypeError(f"system must be a LayerSystem, got {type(system).__name__}")
     system.check_state(h0, "h0")
-    if not isinstance(solver, Newton):
-        raise TypeError(f"solver must be Newton(...) (or Jacobi()), got {type(solver).__name__}")
-    solver.check()
+    _check_solver(solver, "solver")
     if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 0):
         raise ValueError(f"iters must be a non-negative int or None, got {iters!r}")
     if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
@@ -105,11 +104,17 @@ def _check_arguments(system, h0, solver, iters, tol, init, schedule, reference, 
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
     schedule.check(system.num_layers)
-    for seg, layers in schedule.slices():
+    for i, (seg, layers) in enumerate(schedule.slices()):
         if isinstance(seg, Parallel):
             seg_solver = seg.solver or solver
-            seg_solver.check()
+            _check_solver(seg_solver, f"schedule.segments[{i}].solver")
             seg_solver.jacobian.check(system, layers, h0)
+
+
+def _check_solver(solver, name: str) -> None:
+    if not isinstance(solver, Newton):
+        raise TypeError(f"{name} must be ls.Newton(...) (or ls.Jacobi()), got {solver!r}")
+    solver.check()
 
 
 def _norms(x: Tensor) -> Tensor:
@@ -128,6 +133,12 @@ def _sequential(system: LayerSystem, layers: slice, start: Tensor, reference: Te
     error = None if reference is None else _relative(trace[1:] - reference[1:], reference[1:])[None]
     residual = torch.zeros(1, n, dtype=torch.float64)  # exact by construction
     return trace, Result.CONVERGED, _stats(residual, error, [], work, machine_tolerance(start.dtype), 0)
+
+
+def _skipped(n: int, reference: Tensor | None, prefix_tol: float) -> Stats:
+    """The record of a segment not run (after a failed one): one unevaluated row, nothing exact, no work."""
+    unknown = torch.full((1, n), math.nan, dtype=torch.float64)
+    return _stats(unknown, None if reference is None else unknown, [], Work(), prefix_tol, 0)
 
 
 def _parallel(system, layers, start, solver, iters, tol, init, reference, on_divergence, final_residual, generator):
@@ -221,8 +232,9 @@ def _stats(residual, error, contraction, work, prefix_tol, fallback, iterations=
     rows = torch.stack(contraction) if contraction else torch.zeros(0, n, dtype=torch.float64)
     rows = torch.cat([rows, torch.full((iterations - rows.shape[0], n), math.nan, dtype=torch.float64)])
     return Stats(residual=residual, error=error, exact_prefix=_exact_prefix(residual, prefix_tol), contraction=rows,
-                 iterations=iterations, evaluations=work.evaluations, jvps=work.jvps, depth=work.depth,
-                 prefix_tol=prefix_tol, fallback_layers=fallback)
+                 iterations=iterations, evaluations=work.evaluations, jvps=work.jvps,
+                 inner_iterations=work.inner_iterations, depth=work.depth, prefix_tol=prefix_tol,
+                 fallback_layers=fallback)
 
 
 def _pad_rows(x: Tensor, rows: int, fill: float | None = None) -> Tensor:
@@ -254,7 +266,8 @@ def _combine(records: list[Stats]) -> Stats:
         prefix.append(total)
     return Stats(residual=residual, error=error, exact_prefix=torch.tensor(prefix), contraction=contraction,
                  iterations=sum(s.iterations for s in records), evaluations=sum(s.evaluations for s in records),
-                 jvps=sum(s.jvps for s in records), depth=sum(s.depth for s in records),
+                 jvps=sum(s.jvps for s in records), inner_iterations=sum(s.inner_iterations for s in records),
+                 depth=sum(s.depth for s in records),
                  prefix_tol=records[0].prefix_tol, fallback_layers=sum(s.fallback_layers for s in records),
                  segments=tuple(records))
 

@@ -2,10 +2,10 @@
 
 Every Newton step of the driver is one such recurrence: x = the change of the trace, A_l = J~_l (the surrogate
 Jacobian), b_l = f_l(h_{l-1}^k) - h_l^k (minus the residual). A `LinearMap` holds A_1..A_n for a block of n layers
-in one structure and solves the recurrence two ways:
+in one structure and solves the recurrence one of two ways, chosen by an object:
 
-- `sweep`: forward substitution, n sequential steps (the reference);
-- `scan`: an associative (parallel prefix) scan over depth with the combine
+- `Sweep()`: forward substitution, n sequential steps (the reference);
+- `Scan()`: an associative (parallel prefix) scan over depth with the combine
   (A2, b2) o (A1, b1) = (A2 A1, A2 b1 + b2): ceil(log2 n) rounds of batched work (Hillis-Steele).
 
 Structures: zero, identity (a prefix sum), elementwise (a scalar per layer, or a diagonal), matrix (S x S on one
@@ -17,14 +17,34 @@ Tensors are stacked on dim 0 over layers: b and x are (n, *S).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
 
 import torch
 
 Tensor = torch.Tensor
-METHODS = ("scan", "sweep")
-
 Pair = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class Scan:
+    """Solve a structured recurrence by an associative scan over depth: log depth, O(n log n) batched work.
+    A map with no associative combine (matrix-free JVPs) sweeps instead."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Solve a recurrence by forward substitution, one layer after another: depth n. For `Exact`, one JVP per
+    layer."""
+
+
+Recurrence = Union[Scan, Sweep]
+
+
+def check_recurrence(recurrence, name: str) -> None:
+    if not isinstance(recurrence, (Scan, Sweep)):
+        raise TypeError(f"{name} must be ls.Scan() (associative scan) or ls.Sweep() (forward substitution), "
+                        f"got {recurrence!r}")
 
 
 def associative_scan(combine: Callable[[Sequence[Tensor], Sequence[Tensor]], Sequence[Tensor]],
@@ -65,12 +85,11 @@ class LinearMap:
         """The map c * A (damping uses c = 1 - d)."""
         raise NotImplementedError
 
-    def solve(self, b: Tensor, method: str = "scan") -> Tensor:
+    def solve(self, b: Tensor, recurrence: Recurrence = Scan()) -> Tensor:
         """x with x_l = A_l x_{l-1} + b_l, x_0 = 0. b: (n, *S)."""
-        if method == "sweep" or not self.scannable:
+        check_recurrence(recurrence, "recurrence")
+        if isinstance(recurrence, Sweep) or not self.scannable:
             return self._sweep(b)
-        if method != "scan":
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         return self._scan(b)
 
     def _sweep(self, b: Tensor) -> Tensor:
@@ -95,7 +114,10 @@ class ZeroMap(LinearMap):
     def scaled(self, c):
         return self
 
-    def solve(self, b, method="scan"):
+    def _sweep(self, b):
+        return b
+
+    def _scan(self, b):
         return b
 
 

@@ -80,18 +80,28 @@ def problems(draw, max_layers: int = 8):
     return system, random_state(shape, seed=seed + 7)
 
 
-def strategies_for(system: ls.LayerSystem, state: torch.Tensor):
-    """Every Jacobian strategy applicable to the system (Mixing needs a stream axis)."""
-    out = [ls.Zero(), ls.Identity(), ls.Scaled(0.7), ls.Diagonal(), ls.Diagonal(probes=2),
-           ls.Exact(), ls.Exact(method="dense"), ls.Exact(method="krylov")]
-    if system.scales is not None:
-        out.append(ls.Scaled())
-    if system.mixing is not None:
-        out += [ls.Mixing(), ls.Exact(method="krylov", preconditioner=ls.Mixing())]
-    elif state.ndim >= 2:
-        streams = state.shape[0]
-        out.append(ls.Mixing(doubly_stochastic(system.num_layers, streams, seed=3), dim=0))
-    return out
+KINDS = ("Zero", "Identity", "Scaled", "Mixing", "Diagonal", "Exact(Sweep)", "Exact(Dense)", "Exact(GMRES)")
+
+
+def strategies_for(system: ls.LayerSystem, state: torch.Tensor) -> dict[str, list[ls.Jacobian]]:
+    """Every Jacobian strategy applicable to the system, by kind (one of KINDS). Mixing uses the system's own
+    matrices when it has them, else random ones on state dim 0."""
+    mixing = ls.Mixing() if system.mixing is not None else \
+        ls.Mixing(doubly_stochastic(system.num_layers, state.shape[0], seed=3), dim=0)
+    return {
+        "Zero": [ls.Zero()],
+        "Identity": [ls.Identity()],
+        "Scaled": [ls.Scaled(0.7)] + ([ls.Scaled()] if system.scales is not None else []),
+        "Mixing": [mixing],
+        "Diagonal": [ls.Diagonal(), ls.Diagonal(probes=2)],
+        "Exact(Sweep)": [ls.Exact()],
+        "Exact(Dense)": [ls.Exact(method=ls.Dense())],
+        "Exact(GMRES)": [ls.Exact(method=ls.GMRES()), ls.Exact(method=ls.GMRES(preconditioner=mixing))],
+    }
+
+
+def all_strategies(system: ls.LayerSystem, state: torch.Tensor) -> list[ls.Jacobian]:
+    return [j for kind in strategies_for(system, state).values() for j in kind]
 
 
 INITS = [ls.Repeat(), ls.OneStep(), "given"]

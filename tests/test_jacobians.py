@@ -1,4 +1,5 @@
-"""Jacobian strategies: exact Newton's three solves, structured surrogates that know the model, budgets."""
+"""Jacobian strategies: exact Newton's three solves (and GMRES's preconditioner and restarts), structured
+surrogates that know the model, budgets."""
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ class TestExact:
     h0 = random_state((2, 6), seed=1)
     reference = system.sequential(h0)
 
-    @pytest.mark.parametrize("method", ["sweep", "dense", "krylov"])
+    @pytest.mark.parametrize("method", [ls.Sweep(), ls.Dense(), ls.GMRES()])
     def test_quadratic_convergence(self, method):
         sol = ls.solve(self.system, self.h0, ls.Newton(jacobian=ls.Exact(method=method)), tol=1e-13,
                        reference=self.reference)
@@ -31,25 +32,80 @@ class TestExact:
 
     def test_methods_agree(self):
         traces = [ls.solve(self.system, self.h0, ls.Newton(jacobian=ls.Exact(method=m)), iters=2).trace
-                  for m in ("sweep", "dense", "krylov")]
+                  for m in (ls.Sweep(), ls.Dense(), ls.GMRES())]
         for t in traces[1:]:
             torch.testing.assert_close(t, traces[0], rtol=1e-10, atol=1e-10)
 
-    def test_krylov_with_mixing_preconditioner(self):
-        system, h0 = mixing_system(12, 3, 4, seed=6), random_state((3, 4), seed=6)
-        plain = ls.solve(system, h0, ls.Newton(jacobian=ls.Exact(method="sweep")), iters=3).trace
-        pre = ls.solve(system, h0, ls.Newton(jacobian=ls.Exact(method="krylov", preconditioner=ls.Mixing())),
-                       iters=3).trace
-        torch.testing.assert_close(pre, plain, rtol=1e-9, atol=1e-9)
-
     def test_dense_refuses_over_budget_and_names_alternatives(self):
-        big = ls.Exact(method="dense", memory_budget=1024)
-        with pytest.raises(MemoryError, match=r"memory_budget.*method='krylov'.*method='sweep'"):
+        big = ls.Exact(method=ls.Dense(memory_budget=1024))
+        with pytest.raises(MemoryError, match=r"memory_budget.*method=ls.GMRES\(\).*method=ls.Sweep\(\)"):
             ls.solve(self.system, self.h0, ls.Newton(jacobian=big))
 
-    def test_unknown_method(self):
-        with pytest.raises(ValueError, match="Exact: method must be one of"):
-            ls.solve(self.system, self.h0, ls.Newton(jacobian=ls.Exact(method="lu")))
+    def test_method_must_be_an_object(self):
+        with pytest.raises(TypeError, match=r"Exact: method must be ls.Sweep\(\), ls.Dense\(.*\) or ls.GMRES\(.*got 'krylov'"):
+            ls.solve(self.system, self.h0, ls.Newton(jacobian=ls.Exact(method="krylov")))
+
+
+class TestGMRES:
+    """f_l(h) = M_l h on states (S, D): the exact Jacobians are the mixing matrices, so GMRES preconditioned by
+    Mixing() solves T x = b in one inner iteration (T P^{-1} = I), and Newton is exact after one iteration. With
+    Identity, or no preconditioner (Zero: P = I), T P^{-1} - I is nilpotent of index L: L inner iterations."""
+
+    L = 8
+    system = mixing_system(L, 3, 4, seed=6, gain=0.0)
+    h0 = random_state((3, 4), seed=6)
+    reference = system.sequential(h0)
+
+    def solve(self, iters=None, **gmres):
+        solver = ls.Newton(jacobian=ls.Exact(method=ls.GMRES(**gmres)))
+        return ls.solve(self.system, self.h0, solver, iters=iters, tol=None if iters else 1e-12,
+                        reference=self.reference)
+
+    @pytest.mark.parametrize("preconditioner, inner", [(ls.Mixing(), 1), (ls.Identity(), L), (ls.Zero(), L)])
+    def test_preconditioner_sets_the_inner_iterations(self, preconditioner, inner):
+        sol = self.solve(preconditioner=preconditioner)
+        assert sol.stats.iterations == 1 and sol.stats.inner_iterations == inner
+        assert sol.stats.jvps == self.L * inner  # one JVP per layer per inner iteration
+        assert sol.stats.error[-1].max() <= 1e-11
+        assert f"inner_iterations={inner}" in sol.stats.summary()
+
+    def test_restart_reaches_the_same_solution(self):
+        full = self.solve()
+        restarted = self.solve(restart=1, max_iters=100)
+        torch.testing.assert_close(restarted.trace, full.trace, rtol=1e-10, atol=1e-10)
+        # GMRES(1) keeps one direction per cycle, so it needs more inner iterations than unrestarted GMRES's L;
+        # each is one JVP sweep, and each restart one more for the true residual.
+        stats = restarted.stats
+        assert stats.inner_iterations > full.stats.inner_iterations == self.L
+        assert stats.jvps == self.L * (2 * stats.inner_iterations - stats.iterations)
+
+    @pytest.mark.parametrize("restart", [None, 1, 2])
+    def test_max_iters_caps_the_inner_iterations_of_every_step(self, restart):
+        sol = self.solve(iters=2, preconditioner=ls.Identity(), restart=restart, max_iters=3)
+        assert sol.stats.inner_iterations == 2 * 3
+
+    def test_counts_add_over_segments(self):
+        schedule = ls.Schedule((ls.Parallel(3), ls.Sequential(2), ls.Parallel(3)))
+        sol = ls.solve(self.system, self.h0, ls.Newton(jacobian=ls.Exact(method=ls.GMRES())), schedule=schedule)
+        counts = [s.inner_iterations for s in sol.stats.segments]
+        assert counts[0] > 0 and counts[1] == 0 and counts[2] > 0
+        assert sol.stats.inner_iterations == sum(counts)
+
+    def test_bad_settings(self):
+        for gmres, error, message in [(ls.GMRES(restart=0), ValueError, "GMRES: restart must be a positive int"),
+                                      (ls.GMRES(max_iters=1.5), ValueError, "GMRES: max_iters must be a positive int"),
+                                      (ls.GMRES(tol=-1), ValueError, "GMRES: tol must be a positive number"),
+                                      (ls.GMRES(preconditioner="mixing"), TypeError, "GMRES: preconditioner must be")]:
+            with pytest.raises(error, match=message):
+                ls.solve(self.system, self.h0, ls.Newton(jacobian=ls.Exact(method=gmres)))
+
+    def test_mixing_preconditioner_on_a_nonlinear_system(self):
+        system, h0 = mixing_system(12, 3, 4, seed=6), random_state((3, 4), seed=6)
+        plain = ls.solve(system, h0, ls.Newton(jacobian=ls.Exact()), iters=3)
+        mixing, identity = [ls.solve(system, h0, ls.Newton(jacobian=ls.Exact(method=ls.GMRES(preconditioner=p))),
+                                     iters=3) for p in (ls.Mixing(), ls.Identity())]
+        torch.testing.assert_close(mixing.trace, plain.trace, rtol=1e-9, atol=1e-9)
+        assert mixing.stats.inner_iterations < identity.stats.inner_iterations  # M_l is closer to J_l than I
 
 
 def iterations_to(system, h0, jacobian, tol=1e-8):

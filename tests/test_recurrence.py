@@ -1,6 +1,4 @@
-"""Recurrence solvers: every associative scan equals its sequential sweep, and every combine is associative.
-
-The interpreter-free torch scans are checked here; Triton kernels behind the same functions get their own tests."""
+"""Recurrence solvers: every associative scan equals its sequential sweep, and every combine is associative."""
 
 import torch
 from hypothesis import given, strategies as st
@@ -35,7 +33,7 @@ def test_scan_equals_sweep(shape, seed):
     n, s, d = shape
     b = tensor((n, s, d), seed + 1)
     for name, m in maps(n, s, d, seed).items():
-        torch.testing.assert_close(m.solve(b, "scan"), m.solve(b, "sweep"), rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(m.solve(b, ls.Scan()), m.solve(b, ls.Sweep()), rtol=1e-12, atol=1e-12, msg=name)
 
 
 @given(shapes, st.integers(0, 1000))
@@ -44,7 +42,7 @@ def test_sweep_is_the_recurrence(shape, seed):
     n, s, d = shape
     b = tensor((n, s, d), seed + 1)
     for name, m in maps(n, s, d, seed).items():
-        x = m.solve(b, "sweep")
+        x = m.solve(b, ls.Sweep())
         previous = torch.cat([torch.zeros_like(x[:1]), x[:-1]])
         torch.testing.assert_close(x, m.apply(previous) + b, rtol=1e-12, atol=1e-12, msg=name)
 

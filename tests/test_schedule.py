@@ -53,8 +53,22 @@ def test_bad_schedules():
 
 
 def test_a_failed_segment_stops_the_schedule():
+    """f_l(h) = -3 h: the Identity surrogate has the wrong sign and IDN diverges. After the diverged segment the
+    last one is skipped: NaN states, and a record with no work and nothing exact, so the combined record still
+    covers every layer."""
     flipping = ls.LayerSystem(lambda layers, x: -3.0 * x, 30)
-    schedule = ls.Schedule((ls.Parallel(24), ls.Sequential(6)))
-    sol = ls.solve(flipping, torch.ones(2, dtype=torch.float64), schedule=schedule, iters=24, throw=False)
+    h0 = torch.ones(2, dtype=torch.float64)
+    schedule = ls.Schedule((ls.Sequential(3), ls.Parallel(24), ls.Parallel(3)))
+    sol = ls.solve(flipping, h0, schedule=schedule, iters=24, throw=False, reference=flipping.sequential(h0))
     assert sol.result is ls.Result.DIVERGED
-    assert torch.isnan(sol.trace[25:]).all()
+    assert torch.isnan(sol.trace[28:]).all() and torch.isfinite(sol.trace[:28]).all()
+    first, failed, skipped = sol.stats.segments
+    assert 0 < failed.iterations < 24
+    rows = failed.iterations + 1
+    assert sol.stats.residual.shape == sol.stats.error.shape == (rows, 30)
+    assert sol.stats.contraction.shape == (rows - 1, 30)
+    assert torch.isnan(skipped.residual).all() and skipped.residual.shape == (1, 3)
+    assert (skipped.iterations, skipped.evaluations, skipped.depth, skipped.exact_prefix.tolist()) == (0, 0, 0, [0])
+    assert (sol.stats.evaluations, sol.stats.depth) == (3 + 24 * rows, 3 + rows)
+    assert sol.stats.exact_prefix.tolist() == (3 + failed.exact_prefix).tolist()
+    assert failed.exact_prefix[-1] < 24

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._recurrence import LinearMap
+from .._recurrence import LinearMap, OperatorMap
 from .._system import LayerSystem
 
 
@@ -23,6 +23,7 @@ class Work:
     evaluations: int = 0
     jvps: int = 0
     depth: int = 0
+    inner_iterations: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ class Step:
         self.work.depth += 1
         return self.system.jvp(layers, inputs, tangents)[1]
 
+    def jvp_map(self) -> OperatorMap:
+        """The exact J_l as a matrix-free map: all layers by one batched JVP, or one layer by its own JVP."""
+        start = self.layers.start
+
+        def one(i: int, v: torch.Tensor) -> torch.Tensor:
+            return self.jvp(v[None], slice(start + i, start + i + 1), self.inputs[i:i + 1])[0]
+
+        return OperatorMap(self.jvp, one)
+
 
 class Jacobian:
     """Base of the strategies: no up-front checks by default."""
@@ -59,3 +69,8 @@ class Jacobian:
 
     def linearize(self, step: Step) -> LinearMap:
         raise NotImplementedError
+
+
+def is_count(value) -> bool:
+    """A positive int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

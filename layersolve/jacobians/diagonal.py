@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from .._recurrence import ElementwiseMap
-from ._base import Jacobian, Step
-from .exact import check_budget, jacobians
+from ._base import Jacobian, Step, is_count
+from .dense import check_budget, jacobians
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Diagonal(Jacobian):
     memory_budget: int = 2**30
 
     def check(self, system, layers, state):
-        if self.probes is not None and (not isinstance(self.probes, int) or self.probes < 1):
+        if self.probes is not None and not is_count(self.probes):
             raise ValueError(f"Diagonal: probes must be a positive int or None (exact), got {self.probes!r}")
         if self.probes is None:
             check_budget("Diagonal() (exact)", layers.stop - layers.start, state, self.memory_budget, copies=1)
