@@ -114,11 +114,10 @@ class ZeroMap(LinearMap):
     def scaled(self, c):
         return self
 
-    def _sweep(self, b):
-        return b
-
     def _scan(self, b):
         return b
+
+    _sweep = _scan
 
 
 class IdentityMap(LinearMap):

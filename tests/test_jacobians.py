@@ -17,7 +17,7 @@ class TestExact:
     h0 = random_state((2, 6), seed=1)
     reference = system.sequential(h0)
 
-    @pytest.mark.parametrize("method", [ls.Sweep(), ls.Dense(), ls.GMRES()])
+    @pytest.mark.parametrize("method", [ls.Sweep(), ls.Dense(), ls.GMRES()], ids=lambda m: type(m).__name__)
     def test_quadratic_convergence(self, method):
         sol = ls.solve(self.system, self.h0, ls.Newton(jacobian=ls.Exact(method=method)), tol=1e-13,
                        reference=self.reference)
@@ -61,7 +61,8 @@ class TestGMRES:
         return ls.solve(self.system, self.h0, solver, iters=iters, tol=None if iters else 1e-12,
                         reference=self.reference)
 
-    @pytest.mark.parametrize("preconditioner, inner", [(ls.Mixing(), 1), (ls.Identity(), L), (ls.Zero(), L)])
+    @pytest.mark.parametrize("preconditioner, inner", [(ls.Mixing(), 1), (ls.Identity(), L), (ls.Zero(), L)],
+                             ids=["Mixing", "Identity", "none"])
     def test_preconditioner_sets_the_inner_iterations(self, preconditioner, inner):
         sol = self.solve(preconditioner=preconditioner)
         assert sol.stats.iterations == 1 and sol.stats.inner_iterations == inner
