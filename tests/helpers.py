@@ -120,7 +120,7 @@ SEQ_LEN = 150
 
 
 def tiny_config(**overrides):
-    from models.nanochat.gpt import GPTConfig
+    from models.nanochat.config import GPTConfig
 
     base = dict(sequence_len=256, vocab_size=100, n_layer=6, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SSSL")
     return GPTConfig(**{**base, **overrides})
