@@ -143,3 +143,18 @@ def random_model(cfg, *, seed: int = 0, dtype=torch.float64, scale: float = 0.15
 
 def tokens(batch: int, length: int, vocab: int = 100, *, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def skip_path_model(cfg, *, seed: int = 0):
+    """A random model whose every block is exactly its skip path, an affine map of its input h: both output
+    projections zero, so the attention and MLP branches add nothing; with dynamic mHC also a zero dyn_proj, so the
+    per-token connection matrices are the constants their logits give and do not depend on h."""
+    model = random_model(cfg, seed=seed)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+            if cfg.mhc_dynamic:
+                block.hc_attn.dyn_proj.weight.zero_()
+                block.hc_mlp.dyn_proj.weight.zero_()
+    return model

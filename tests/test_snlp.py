@@ -1,10 +1,12 @@
 """SNLP over the models: exactness at K = n_par for every strategy and config, closed forms, fusion, plans."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import layersolve as ls
-from helpers import MODEL_CONFIGS, SEQ_LEN, random_model, tiny_config, tokens
+from helpers import MODEL_CONFIGS, SEQ_LEN, random_model, skip_path_model, tiny_config, tokens
 from models.inference import snlp
 
 
@@ -55,6 +57,43 @@ def test_idn_k1_is_the_prefix_sum_of_branch_outputs():
     torch.testing.assert_close(logits, model.head(trace[-1], trace[model.backout_layer]), rtol=1e-12, atol=1e-12)
 
 
+# Models whose blocks are exactly their skip paths (zero output projections), with the surrogate that claims to be
+# that skip path's exact Jacobian: the identity without the blend; resid_l I with the x0 / resid blend (the skip
+# path is resid_l h + x0_l x0); resid_l H_res_mlp H_res_attn on the stream axis with mHC. Dynamic mHC computes its
+# matrices from h; `skip_path_model` zeroes dyn_proj, so they are the constants of their logits, the skip path is
+# affine in h, and its Jacobian is exactly the mixing the system provides (otherwise the matrices' own derivatives,
+# which HCN drops by design, would be part of it).
+SKIP_PATHS = {
+    "idn_without_blend": (dict(no_x0_resid=True), ls.Identity()),
+    "scaled_with_blend": (dict(), ls.Scaled()),
+    "hcn_static_mhc": (dict(use_mhc=True, mhc_num_streams=3), ls.Mixing()),
+    "hcn_static_mhc_without_blend": (dict(use_mhc=True, mhc_num_streams=2, no_x0_resid=True), ls.Mixing()),
+    "hcn_dynamic_mhc": (dict(use_mhc=True, mhc_num_streams=2, mhc_dynamic=True), ls.Mixing()),
+}
+
+
+@pytest.mark.parametrize("name", SKIP_PATHS)
+def test_the_skip_path_jacobian_is_exact_in_one_iteration(name):
+    """Every block is affine, so one Newton iteration with its exact Jacobian lands on the trace from any guess:
+    the surrogate that claims to be that Jacobian reproduces the sequential trace and logits at K = 1 < n_par.
+    Jacobi (J~ = 0) does not."""
+    overrides, jacobian = SKIP_PATHS[name]
+    model = skip_path_model(tiny_config(**overrides), seed=14)
+    idx = tokens(2, 40, seed=14)
+    n_par, start = 4, 2
+    emb = model.embed(idx)
+    exact = torch.stack(model.trace(emb)[start:])  # (n_par + 1, *state)
+    guess = ls.Given(exact + 0.1 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(14),
+                                               dtype=exact.dtype))  # off at every layer
+    sol = ls.solve(model.layer_system(emb, start), exact[0], ls.Newton(jacobian), iters=1, init=guess)
+    torch.testing.assert_close(sol.trace, exact, rtol=1e-12, atol=1e-12)
+    plan = snlp.Plan(n_par=n_par, jacobian=jacobian, iters=1, init=guess)
+    expected = model(idx)
+    torch.testing.assert_close(snlp.forward(model, idx, plan).logits, expected, rtol=1e-12, atol=1e-12)
+    jacobi = snlp.forward(model, idx, dataclasses.replace(plan, jacobian=ls.Zero())).logits
+    assert (jacobi - expected).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("fuse", [2, 3])
 def test_fused_plans_converge_to_the_fused_model(fuse):
     cfg = tiny_config()
@@ -67,6 +106,23 @@ def test_fused_plans_converge_to_the_fused_model(fuse):
     for jacobian in (ls.Identity(), ls.Scaled(), ls.Zero()):
         logits = snlp.forward(model, idx, snlp.Plan(n_par=6, fuse=fuse, iters=6 // fuse, jacobian=jacobian)).logits
         torch.testing.assert_close(logits, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_the_fused_backout_is_the_output_of_the_chunk_that_holds_the_backout_block():
+    """The backout subtracts the output of block n_layer // 2; in a fused tail that block lies inside a chunk (not
+    on its boundary here: block 3 of blocks 0..5 in chunks of 3), and the backout state is that chunk's output."""
+    model = random_model(tiny_config(), seed=15)
+    idx = tokens(2, 32, seed=15)
+    L, n_par, fuse = 6, 6, 3
+    start = L - n_par
+    plan = snlp.Plan(n_par=n_par, fuse=fuse, iters=n_par // fuse)
+    logits, trace = snlp.sequential_trace(model, idx, plan)
+    chunks = [range(start + c * fuse, start + (c + 1) * fuse) for c in range(n_par // fuse)]
+    holder = next(c for c, blocks in enumerate(chunks) if L // 2 in blocks)
+    assert L // 2 != chunks[holder][-1]  # inside its chunk: floor and ceil of the chunk index differ
+    expected = model.head(trace[-1], trace[holder + 1])  # trace[c + 1] is chunk c's output
+    torch.testing.assert_close(logits, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(snlp.forward(model, idx, plan).logits, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_a_fused_chunk_sums_its_blocks_branches():
