@@ -65,6 +65,7 @@ def test_idn_k1_is_the_prefix_sum_of_branch_outputs():
 # which HCN drops by design, would be part of it).
 SKIP_PATHS = {
     "idn_without_blend": (dict(no_x0_resid=True), ls.Identity()),
+    "scaled_without_blend": (dict(no_x0_resid=True), ls.Scaled()),
     "scaled_with_blend": (dict(), ls.Scaled()),
     "hcn_static_mhc": (dict(use_mhc=True, mhc_num_streams=3), ls.Mixing()),
     "hcn_static_mhc_without_blend": (dict(use_mhc=True, mhc_num_streams=2, no_x0_resid=True), ls.Mixing()),
