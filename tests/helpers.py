@@ -130,7 +130,7 @@ SEQ_LEN = 150
 
 
 def tiny_config(**overrides):
-    from models.nanochat.gpt import GPTConfig
+    from models.nanochat.config import GPTConfig
 
     base = dict(sequence_len=256, vocab_size=100, n_layer=6, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SSSL")
     return GPTConfig(**{**base, **overrides})
@@ -153,3 +153,18 @@ def random_model(cfg, *, seed: int = 0, dtype=torch.float64, scale: float = 0.15
 
 def tokens(batch: int, length: int, vocab: int = 100, *, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def skip_path_model(cfg, *, seed: int = 0):
+    """A random model whose every block is exactly its skip path, an affine map of its input h: both output
+    projections zero, so the attention and MLP branches add nothing; with dynamic mHC also a zero dyn_proj, so the
+    per-token connection matrices are the constants their logits give and do not depend on h."""
+    model = random_model(cfg, seed=seed)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+            if cfg.mhc_dynamic:
+                block.hc_attn.dyn_proj.weight.zero_()
+                block.hc_mlp.dyn_proj.weight.zero_()
+    return model

@@ -1,5 +1,7 @@
 """KV-cache decoding, sequential and SNLP, against full-forward greedy decoding."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -46,6 +48,46 @@ def test_step_logits_equal_the_full_forward():
     pieces = [decoder.step(idx[:, :10])] + [decoder.step(idx[:, t:t + 1]) for t in range(10, 30)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), model(idx), rtol=1e-10, atol=1e-10)
     assert len(decoder.stats) == 21
+
+
+PROMPT_STEP_PLANS = {
+    "idn_prefix": (dict(), snlp.Plan(n_par=4, iters=1)),
+    "fused": (dict(), snlp.Plan(n_par=6, fuse=3, iters=1, jacobian=ls.Scaled())),
+    "hcn_mhc": (dict(use_mhc=True, mhc_num_streams=2), snlp.Plan(n_par=3, iters=2, jacobian=ls.Mixing())),
+}
+
+
+@pytest.mark.parametrize("name", PROMPT_STEP_PLANS)
+def test_the_prompt_step_is_the_snlp_forward(name):
+    """With an empty cache a step is the plan's forward over its tokens, also at K < n_par (the "L" windows of 64
+    tokens bind over the 72-token prompt)."""
+    overrides, plan = PROMPT_STEP_PLANS[name]
+    model = random_model(tiny_config(sequence_len=64, **overrides), seed=6)
+    prompt = tokens(2, 72, seed=6)
+    logits = Decoder(model, plan, capacity=80).step(prompt)
+    torch.testing.assert_close(logits, snlp.forward(model, prompt, plan).logits, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fuse", [1, 2])
+def test_a_later_step_sees_the_earlier_tokens_final_iterate(fuse):
+    """Decoding defines the cache as the keys and values of each unit's input in the final iterate. So at K = 1 a
+    later step computes what the forward over the whole sequence computes for its tokens when the solve starts the
+    earlier tokens at their final iterate and the new ones at repeat (IDN's update is per token). At K > 1 the
+    whole-sequence solve would move the earlier tokens on, which decoding by definition does not."""
+    model = random_model(tiny_config(sequence_len=64), seed=7)
+    ids = tokens(2, 30, seed=7)
+    plan = snlp.Plan(n_par=4, fuse=fuse, iters=1)
+    decoder = Decoder(model, plan, capacity=30)
+    decoder.step(ids[:, :26])
+    later = decoder.step(ids[:, 26:])
+    earlier = snlp.prepare(model, model.embed(ids[:, :26]), plan)
+    final = earlier.solve().trace  # (C + 1, B, 26, D)
+    whole = snlp.prepare(model, model.embed(ids), plan)
+    guess = whole.prefix[-1].expand(final.shape[0], *whole.prefix[-1].shape).clone()
+    guess[:, :, :26] = final
+    expected = snlp.forward(model, ids, dataclasses.replace(plan, init=ls.Given(guess))).logits[:, 26:]
+    torch.testing.assert_close(later, expected, rtol=1e-12, atol=1e-12)
+    assert (later - snlp.forward(model, ids, plan).logits[:, 26:]).abs().max() > 1e-3  # not the plain forward
 
 
 def test_sampling_is_seeded():

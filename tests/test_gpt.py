@@ -7,7 +7,8 @@ import torch
 
 import nanochat_reference as reference
 from helpers import MODEL_CONFIGS, SEQ_LEN, random_model, tiny_config, tokens
-from models.nanochat.gpt import GPT, GPTConfig, window_sizes
+from models.nanochat.config import GPTConfig, window_sizes
+from models.nanochat.gpt import GPT
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)

@@ -108,6 +108,6 @@ def test_the_walk_sees_the_edges_it_must():
     """The graph is not vacuous: known edges are found (a broken walker would pass the tests above)."""
     edges = graph()
     assert "models.nanochat.gpt" in edges["models.inference.snlp"]
-    assert "layersolve" in edges["models.nanochat.gpt"]
+    assert "layersolve" in edges["models.nanochat.system"]
     assert "analysis" in edges["models.tools.demo"]
     assert "models.training.tokenizer" in edges["models.training.data"]

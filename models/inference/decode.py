@@ -10,35 +10,13 @@ sequential decoding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 import layersolve as ls
 
+from ..nanochat.block import KVCache
 from ..nanochat.gpt import GPT
-from ..nanochat.block import block_forward, block_kv
-from .snlp import Plan, Tail, tail_weights
-
-
-@dataclass
-class Cache:
-    """Keys and values of n units: (n, B, KV, capacity, hd) each; the first `length` positions are filled."""
-
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-    def past(self, units: slice, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.k is None or length == 0:
-            return None, None
-        return self.k[units, :, :, :length], self.v[units, :, :, :length]
-
-    def write(self, units: slice, position: int, k: torch.Tensor, v: torch.Tensor, capacity: int, count: int) -> None:
-        if self.k is None:  # allocated on first write, when the head counts and dtype are known
-            shape = (count, k.shape[1], k.shape[2], capacity, k.shape[4])
-            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
-        self.k[units, :, :, position:position + k.shape[3]] = k
-        self.v[units, :, :, position:position + v.shape[3]] = v
+from .snlp import Plan, prepare
 
 
 class Decoder:
@@ -46,54 +24,35 @@ class Decoder:
 
     def __init__(self, model: GPT, plan: Plan | None = None, capacity: int | None = None):
         self.model, self.plan = model, plan
-        cfg = model.config
+        L = model.config.n_layer
         if plan is not None:
             plan.check(model)
-        self.start = cfg.n_layer if plan is None else cfg.n_layer - plan.n_par
-        self.capacity = capacity or cfg.sequence_len
+        self.capacity = capacity or model.config.sequence_len
         self.position = 0
         self.previous = None  # the last token's normed embedding, for the next token's smear
-        self.prefix, self.tail = Cache(), Cache()
+        self.prefix = KVCache(L if plan is None else L - plan.n_par, self.capacity)  # one unit per block
+        self.tail = None if plan is None else KVCache(plan.n_par // plan.fuse, self.capacity)  # one unit per chunk
         self.stats: list[ls.Stats] = []
 
     @torch.no_grad()
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab_size) for the tokens idx (B, T) that follow everything fed so far."""
-        model, p = self.model, self.position
-        if p + idx.shape[1] > self.capacity:
+        model = self.model
+        if self.position + idx.shape[1] > self.capacity:
             raise ValueError(f"decoding past the cache capacity of {self.capacity} tokens")
-        emb = model.embed(idx, position=p, previous=self.previous)
-        trace = [emb.x0]
-        for i in range(self.start):
-            units = slice(i, i + 1)
-            past_k, past_v = self.prefix.past(units, p)
-            out = block_forward(model.block_weights(units), trace[-1][None], emb.context(units, past_k, past_v))
-            self.prefix.write(units, p, out.k, out.v, self.capacity, self.start)
-            trace.append(out.out[0])
+        emb = model.embed(idx, position=self.position, previous=self.previous)
         if self.plan is None:
+            trace = model.trace(emb, cache=self.prefix)
             logits = model.head(trace[-1], trace[model.backout_layer])
         else:
-            logits = self._solve_tail(emb, trace)
+            tail = prepare(model, emb, self.plan, self.prefix, self.tail)
+            sol = tail.solve()
+            self.stats.append(sol.stats)
+            tail.system.store_kv(sol.trace)
+            logits = tail.logits(model, sol.trace)
         self.position += idx.shape[1]
         self.previous = emb.last_embedding
         return logits
-
-    def _solve_tail(self, emb, prefix: list[torch.Tensor]) -> torch.Tensor:
-        model, plan, p = self.model, self.plan, self.position
-        weights = tail_weights(model, plan)
-
-        def past(units: slice):
-            return self.tail.past(units, p)
-
-        system = model.layer_system(emb, self.start, plan.fuse, weights, past)
-        sol = ls.solve(system, prefix[-1], plan.solver(), iters=plan.iters, tol=plan.tol, init=plan.guess(),
-                       on_divergence=plan.on_divergence)
-        self.stats.append(sol.stats)
-        units = slice(0, system.num_layers)
-        context = model.tail_context(emb, self.start, plan.fuse, past)
-        k, v = block_kv(weights, sol.trace[:-1], context(units))  # from each unit's input in the final iterate
-        self.tail.write(units, p, k, v, self.capacity, system.num_layers)
-        return Tail(prefix, system, self.start).logits(model, sol.trace, plan.fuse)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:

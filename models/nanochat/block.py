@@ -1,9 +1,9 @@
 """The Transformer block as one function over layer-stacked weights.
 
-`block_forward(w, x, ctx)` applies n blocks to n states at once: every weight in `w` carries a leading layer dim n,
-and x is (n, *state). The sequential model calls it with n = 1 (views of one block's weights), the layer-parallel
-solve with n = the parallel layers (stacked once), and a fused chunk is simply a wider block (more heads, a wider
-MLP), so one piece of code defines f_l everywhere, and finite termination checks that they agree.
+`block_forward(w, h, ctx)` applies n blocks to n states at once: every weight in `w` carries a leading layer dim n,
+and h is (n, *state). The sequential model calls it with n = 1 (each module's own weights, as views), the
+layer-parallel solve with n = the parallel layers (stacked once), and a fused chunk is simply a wider block (more
+heads, a wider MLP), so one piece of code defines f_l everywhere, and finite termination checks that they agree.
 
 One block of nanochat (karpathy/nanochat gpt.py), with the SNLP fork's options:
     x   = resid_l * h + x0_l * x0                          (skipped when no_x0_resid)
@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .mhc import HCWeights, connection_weights
+from .mhc import HCWeights, connection_weights, skip_mixing
 
 Tensor = torch.Tensor
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads the first 12 channels (nanochat)
@@ -60,65 +60,74 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-@dataclass(frozen=True)
-class BlockWeights:
-    """n blocks' weights, stacked on dim 0. A fused chunk of M blocks is one wide block: its heads, windows and
-    value-embedding gates are the M blocks' concatenated, its output projections and MLP widths concatenated (so
-    their outputs are summed), its lambdas averaged.
+# -- weights, stacked over n layers --------------------------------------------------------------------------------
 
-    c_q (n, H*hd, D), c_k / c_v (n, KV*hd, D), attn_proj (n, D, H*hd), c_fc (n, F, D), mlp_proj (n, D, F);
-    ve_gate (n, KV, 12) or None when no layer uses value embeddings (zeros for a layer without them);
-    resid, x0 (n,) or None when no_x0_resid; windows (n, H): each head's left window in tokens;
-    hc_attn, hc_mlp: hyper-connection weights for mHC, else None.
-    """
+@dataclass(frozen=True)
+class AttentionWeights:
+    """c_q (n, H*hd, D), c_k / c_v (n, KV*hd, D), c_proj (n, D, H*hd); ve_gate (n, KV, 12), or None when the model
+    has no value embeddings (zeros for a layer without them); windows (n, H): each head's left window in tokens."""
 
     c_q: Tensor
     c_k: Tensor
     c_v: Tensor
-    attn_proj: Tensor
-    c_fc: Tensor
-    mlp_proj: Tensor
+    c_proj: Tensor
     ve_gate: Tensor | None
-    resid: Tensor | None
-    x0: Tensor | None
     windows: Tensor
     head_dim: int
+
+
+@dataclass(frozen=True)
+class MLPWeights:
+    c_fc: Tensor  # (n, F, D)
+    c_proj: Tensor  # (n, D, F)
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """n blocks' weights. resid, x0 (n,): the blend's lambdas, None when no_x0_resid; hc_attn, hc_mlp: the
+    hyper-connections of mHC, else None. A fused chunk of M blocks is one wide block (see fusion.py)."""
+
+    attn: AttentionWeights
+    mlp: MLPWeights
+    resid: Tensor | None
+    x0: Tensor | None
     hc_attn: HCWeights | None = None
     hc_mlp: HCWeights | None = None
 
     @property
     def num_layers(self) -> int:
-        return self.c_q.shape[0]
+        return self.attn.c_q.shape[0]
 
     def __getitem__(self, layers: slice) -> "BlockWeights":
         """The weights of a sub-range of the stacked layers (views)."""
-        def cut(t):
-            return None if t is None else t[layers]
-        return replace(self, c_q=self.c_q[layers], c_k=self.c_k[layers], c_v=self.c_v[layers],
-                       attn_proj=self.attn_proj[layers], c_fc=self.c_fc[layers], mlp_proj=self.mlp_proj[layers],
-                       ve_gate=cut(self.ve_gate), resid=cut(self.resid), x0=cut(self.x0), windows=self.windows[layers],
-                       hc_attn=None if self.hc_attn is None else self.hc_attn[layers],
-                       hc_mlp=None if self.hc_mlp is None else self.hc_mlp[layers])
+        return _combine([self], lambda ts: ts[0][layers])
 
 
 def cat_weights(parts: list):
-    """Stacked weights of several layer ranges (BlockWeights, or HCWeights inside them), one after the other."""
-    first = parts[0]
+    """Stacked weights of several layer ranges (BlockWeights, or the weights inside them), one after the other."""
+    return parts[0] if len(parts) == 1 else _combine(parts, torch.cat)
+
+
+def _combine(parts: list, combine):
+    """One weights dataclass from parts of one type: combine(the parts' tensors) for every tensor field, nested
+    weights likewise; other fields (head_dim, Sinkhorn settings) are the first part's."""
     changes = {}
-    for f in fields(first):
-        value = getattr(first, f.name)
-        if isinstance(value, Tensor):
-            changes[f.name] = torch.cat([getattr(p, f.name) for p in parts])
-        elif is_dataclass(value):
-            changes[f.name] = cat_weights([getattr(p, f.name) for p in parts])
-    return replace(first, **changes)
+    for f in fields(parts[0]):
+        values = [getattr(p, f.name) for p in parts]
+        if isinstance(values[0], Tensor):
+            changes[f.name] = combine(values)
+        elif is_dataclass(values[0]):
+            changes[f.name] = _combine(values, combine)
+    return replace(parts[0], **changes)
 
 
-@dataclass
+# -- what the blocks of one forward share --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
 class Context:
-    """What every block of one forward shares: x0 (B, T, D) or (B, S, T, D) for mHC, the value embeddings
-    ve (n, B, T, KV*hd) of the blocks being evaluated (or None), rotary tables for the positions of the tokens
-    (Tq, hd/2), the absolute position of the first token, and the cached keys / values of earlier tokens."""
+    """What the n blocks being evaluated share: x0 (B, T, D) or (B, S, T, D) for mHC, their value embeddings
+    ve (n, B, T, KV*hd) (or None), rotary tables for the positions of the tokens (Tq, hd/2), the absolute position
+    of the first token, and their cached keys / values of earlier tokens."""
 
     x0: Tensor
     ve: Tensor | None
@@ -128,6 +137,39 @@ class Context:
     past_k: Tensor | None = None  # (n, B, KV, T_past, hd)
     past_v: Tensor | None = None
 
+    def select(self, units: slice, cache: KVCache | None = None) -> "Context":
+        """The context of the units (blocks, or fused chunks) of the slice, with their cached keys and values of
+        the tokens before `position` when a cache is given."""
+        past_k, past_v = (None, None) if cache is None else cache.past(units, self.position)
+        return replace(self, ve=None if self.ve is None else self.ve[units], past_k=past_k, past_v=past_v)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of `units` units for up to `capacity` tokens: (units, B, KV, capacity, hd) each, allocated
+    on the first write (when the head counts and dtype are known)."""
+
+    units: int
+    capacity: int
+    k: Tensor | None = None
+    v: Tensor | None = None
+
+    def past(self, units: slice, length: int) -> tuple[Tensor | None, Tensor | None]:
+        """The units' keys and values of the first `length` tokens (None, None when there are none)."""
+        if self.k is None or length == 0:
+            return None, None
+        return self.k[units, :, :, :length], self.v[units, :, :, :length]
+
+    def write(self, units: slice, position: int, k: Tensor, v: Tensor) -> None:
+        """Store the units' keys and values k, v (n, B, KV, T, hd) of the tokens from `position` on."""
+        if self.k is None:
+            shape = (self.units, k.shape[1], k.shape[2], self.capacity, k.shape[4])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[units, :, :, position:position + k.shape[3]] = k
+        self.v[units, :, :, position:position + v.shape[3]] = v
+
+
+# -- the block maths --------------------------------------------------------------------------------------------------
 
 @dataclass
 class BlockOutput:
@@ -147,7 +189,7 @@ def attention_mask(windows: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor | No
     return (distance >= 0) & (distance <= w[:, None, :, None, None])
 
 
-def project_qkv(w: BlockWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+def project_qkv(w: AttentionWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, keys, values (n, B, heads, T, hd) of the normed sublayer input x (n, B, T, D): value embeddings
     gated in, rotary, QK norm."""
     n, B, T, D = x.shape
@@ -163,7 +205,7 @@ def project_qkv(w: BlockWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tenso
     return tuple(t.transpose(2, 3) for t in (q, k, v))
 
 
-def attention(w: BlockWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+def attention(w: AttentionWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
     """Causal self-attention of n blocks over the cached keys and these tokens' own. x (n, B, T, D) is the normed
     sublayer input. Returns (y, k, v), k and v for these tokens only."""
     n, B, T, D = x.shape
@@ -178,50 +220,52 @@ def attention(w: BlockWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor,
         mask = (q_pos[:, None] >= k_pos[None, :])
     y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
     y = y.transpose(2, 3).reshape(n, B, T, -1)
-    return linear(y, w.attn_proj), k, v
+    return linear(y, w.c_proj), k, v
 
 
-def mlp(w: BlockWeights, x: Tensor) -> Tensor:
-    return linear(F.relu(linear(x, w.c_fc)).square(), w.mlp_proj)
-
-
-def _broadcast(scalars: Tensor, x: Tensor) -> Tensor:
-    return scalars.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-
-
-def _blend(w: BlockWeights, h: Tensor, ctx: Context) -> Tensor:
-    """The x0 / residual blend belongs to the layer: f_l(h) = block_l(lambda_l h + mu_l x0)."""
-    if w.resid is None:
-        return h
-    return _broadcast(w.resid, h) * h + _broadcast(w.x0, h) * ctx.x0.unsqueeze(0)
+def mlp(w: MLPWeights, x: Tensor) -> Tensor:
+    """x (n, B, T, D) normed -> (n, B, T, D)."""
+    return linear(F.relu(linear(x, w.c_fc)).square(), w.c_proj)
 
 
 def block_forward(w: BlockWeights, h: Tensor, ctx: Context, want_mixing: bool = False) -> BlockOutput:
     """n blocks on n states: h (n, B, T, D), or (n, B, S, T, D) with mHC. Returns the blocks' outputs."""
-    x = _blend(w, h, ctx)
-    if w.hc_attn is None:
-        y, k, v = attention(w, norm(x), ctx)
+    x, branch, hc = _attention_input(w, h, ctx)
+    y, k, v = attention(w.attn, branch, ctx)
+    if hc is None:
         x = x + y
-        return BlockOutput(x + mlp(w, norm(x)), k, v, None)
-    pre, res, post = connection_weights(w.hc_attn, x)
-    y, k, v = attention(w, norm(_pool(pre, x)), ctx)
+        return BlockOutput(x + mlp(w.mlp, norm(x)), k, v, None)
+    _, res, post = hc
     x = _mix(res, x) + _spread(post, y)
     pre2, res2, post2 = connection_weights(w.hc_mlp, x)
-    out = _mix(res2, x) + _spread(post2, mlp(w, norm(_pool(pre2, x))))
-    mixing = None
-    if want_mixing:
-        mixing = res2 @ res if w.resid is None else _broadcast(w.resid, res) * (res2 @ res)
-    return BlockOutput(out, k, v, mixing)
+    out = _mix(res2, x) + _spread(post2, mlp(w.mlp, norm(_pool(pre2, x))))
+    return BlockOutput(out, k, v, skip_mixing(res, res2, w.resid) if want_mixing else None)
 
 
 def block_kv(w: BlockWeights, h: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
     """The keys and values n blocks compute from inputs h, without the rest of the block: what a KV cache stores
     for the final iterate of a layer-parallel solve."""
-    x = _blend(w, h, ctx)
-    if w.hc_attn is not None:
-        x = _pool(connection_weights(w.hc_attn, x)[0], x)
-    _, k, v = project_qkv(w, norm(x), ctx)
+    _, branch, _ = _attention_input(w, h, ctx)
+    _, k, v = project_qkv(w.attn, branch, ctx)
     return k, v
+
+
+def _attention_input(w: BlockWeights, h: Tensor, ctx: Context):
+    """The part of a block its keys and values depend on: the blended state x (n, *state), the attention branch's
+    normed input (n, B, T, D), and with mHC the attention sublayer's (H_pre, H_res, H_post) (else None).
+    The x0 / residual blend belongs to the layer: f_l(h) = block_l(resid_l h + x0_l x0)."""
+    x = h
+    if w.resid is not None:
+        x = _per_layer(w.resid, h) * h + _per_layer(w.x0, h) * ctx.x0.unsqueeze(0)
+    if w.hc_attn is None:
+        return x, norm(x), None
+    hc = connection_weights(w.hc_attn, x)
+    return x, norm(_pool(hc[0], x)), hc
+
+
+def _per_layer(scalars: Tensor, x: Tensor) -> Tensor:
+    """(n,) -> (n, 1, ..., 1), to scale each layer's slice of x (n, ...)."""
+    return scalars.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _pool(pre: Tensor, x: Tensor) -> Tensor:

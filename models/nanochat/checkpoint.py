@@ -19,7 +19,8 @@ import torch
 
 from ..io import write_atomic, write_json
 
-from .gpt import GPT, GPTConfig, has_ve
+from .config import GPTConfig, has_ve
+from .gpt import GPT
 
 UPSTREAM_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
 

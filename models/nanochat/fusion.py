@@ -44,10 +44,11 @@ def fuse_weights(w: BlockWeights, m: int) -> BlockWeights:
     def mean(t):
         return None if t is None else t.reshape(chunks, m).mean(dim=1)
 
-    return replace(w, c_q=_rows(w.c_q, m), c_k=_rows(w.c_k, m), c_v=_rows(w.c_v, m), attn_proj=_cols(w.attn_proj, m),
-                   c_fc=_rows(w.c_fc, m), mlp_proj=_cols(w.mlp_proj, m),
-                   ve_gate=None if w.ve_gate is None else _rows(w.ve_gate, m),
-                   resid=mean(w.resid), x0=mean(w.x0), windows=w.windows.reshape(chunks, -1))
+    a, f = w.attn, w.mlp
+    attn = replace(a, c_q=_rows(a.c_q, m), c_k=_rows(a.c_k, m), c_v=_rows(a.c_v, m), c_proj=_cols(a.c_proj, m),
+                   ve_gate=None if a.ve_gate is None else _rows(a.ve_gate, m), windows=a.windows.reshape(chunks, -1))
+    return replace(w, attn=attn, mlp=replace(f, c_fc=_rows(f.c_fc, m), c_proj=_cols(f.c_proj, m)),
+                   resid=mean(w.resid), x0=mean(w.x0))
 
 
 def fuse_value_embeddings(ve: torch.Tensor | None, m: int) -> torch.Tensor | None:
