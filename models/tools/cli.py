@@ -181,7 +181,7 @@ def _demo(args) -> int:
 
 def _train(args) -> int:
     from ..inference import snlp
-    from ..training.loop import Data, train
+    from ..training.loop import Data, Interrupted, train
 
     cfg = train_config(args)
     if args.sft_n_par:
@@ -189,10 +189,18 @@ def _train(args) -> int:
                                                           jacobian=strategy(args.sft_strategy)))
     cfg = dataclasses.replace(cfg, save_every=args.save_every, init_from=args.init_from)
     data = Data.prepare(args.corpus, cfg.model.vocab_size, CACHE)
-    metrics = train(cfg, data, args.out, resume=args.resume)
-    data.tokenizer.save(args.out / "tokenizer")
+    try:
+        metrics = train(cfg, data, args.out, resume=args.resume)
+    except Interrupted as stop:  # a checkpoint of the step is saved: the message, not a traceback
+        print(f"interrupted at step {stop.step}; continue with --resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second signal: stopped at once, mid-step
+        print(f"stopped at once; --resume continues from the last checkpoint in {args.out}, if any", file=sys.stderr)
+        return 130
     final = metrics["evals"][-1]
     print(f"validation loss {final['loss']:.4f}, ppl {final['ppl']:.2f}, bpb {final['bpb']:.4f}; run in {args.out}")
+    if metrics["skipped_steps"]:
+        print(f"{metrics['skipped_steps']} steps skipped: their SNLP solve did not end ok", file=sys.stderr)
     return 0
 
 
