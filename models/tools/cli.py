@@ -45,7 +45,9 @@ def _reg_flags(p: argparse.ArgumentParser) -> None:
                    help="SNLP-aware regularization surrogate: idn, scaled, hcn (mHC), diagonal (Hutchinson)")
     p.add_argument("--reg-lambda", type=float, default=1.0, help="weight of the regularizer (default 1)")
     p.add_argument("--n-par-configs", type=int, nargs="+", help="tail lengths (default: L/4, L/2, 3L/4)")
-    p.add_argument("--reg-stride", type=int, default=1, help="every stride-th tail layer enters the loss (0: last)")
+    p.add_argument("--reg-stride", type=int, default=1,
+                   help="every stride-th tail layer and the last enter the loss (0: the published default, the last "
+                        "block alone on h_(L-n), IDN only)")
     p.add_argument("--reg-warmup", type=float, default=0.2, help="fraction of training over which lambda ramps up")
     p.add_argument("--reg-detach", action="store_true", help="detach the sequential target")
     p.add_argument("--reg-mode", choices=("all", "sample", "batched"), default="all",
