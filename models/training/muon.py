@@ -10,8 +10,9 @@ torch.optim.Muon with adjust_lr_fn="original", so the steps agree:
 
 NS is five steps of the quintic Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T, from
 X = U / max(||U||_F, 1e-7) taken wide (transposed when tall), with (a, b, c) = (3.4445, -4.7750, 2.0315): it maps
-the singular values of U into roughly [0.7, 1.2], an approximate U V^T. It runs in bfloat16 on CUDA, as torch's
-does, and in float32 on the CPU, whose bfloat16 matmul is slow (25x the float32 time on a 1.5M-parameter model).
+the singular values of U into about [0.5, 1.5], an approximate U V^T that trains as well. It runs in bfloat16 on
+CUDA, as torch's does, and in float32 on the CPU, whose bfloat16 matmul is slow (25x the float32 time on a
+1.5M-parameter model).
 """
 
 from __future__ import annotations

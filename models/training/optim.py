@@ -62,4 +62,3 @@ def optimizers(model: GPT, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
     return [muon, adam]
-
