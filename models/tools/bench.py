@@ -95,28 +95,25 @@ def table(results: dict) -> str:
 
 def train_step_times(cfg, modes: dict, batch: tuple[torch.Tensor, torch.Tensor], warmup: int = 2,
                      repeats: int = 5, progress=print) -> dict:
-    """Median wall time of a full training step (forward, backward, optimizer) for each regularizer setting in
-    `modes` (name -> TrainConfig), on one fixed batch; ratios against the first."""
+    """Median wall time of the training loop's step (`training.step.train_step`: forward under autocast, backward,
+    clipping, optimizer steps) for each regularizer setting in `modes` (name -> TrainConfig), on one fixed batch at
+    step 0; ratios against the first."""
     import dataclasses as dc
 
     from ..nanochat.gpt import GPT
-    from ..training.optim import cpu_float32_newton_schulz, optimizers
-    from ..training.loop import StepLoss
+    from ..training.optim import optimizers
+    from ..training.step import StepLoss, train_step
 
     x, y = batch
     rows = []
     for i, (name, mode_cfg) in enumerate(modes.items(), start=1):
         model = GPT(mode_cfg.model).to(x.device)
         model.init_weights(seed=0, output_std=0.02)
-        loss_fn, opts = StepLoss(model, mode_cfg), optimizers(model, mode_cfg)
+        objective, opts = StepLoss(model, mode_cfg), optimizers(model, mode_cfg)
         timed = _timer(x.device)
 
         def step():
-            loss_fn(x, y, 0)[0].backward()
-            with cpu_float32_newton_schulz():
-                for opt in opts:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+            train_step(objective, opts, mode_cfg, x, y, 0)
 
         for _ in range(warmup):
             step()

@@ -45,7 +45,9 @@ def _reg_flags(p: argparse.ArgumentParser) -> None:
                    help="SNLP-aware regularization surrogate: idn, scaled, hcn (mHC), diagonal (Hutchinson)")
     p.add_argument("--reg-lambda", type=float, default=1.0, help="weight of the regularizer (default 1)")
     p.add_argument("--n-par-configs", type=int, nargs="+", help="tail lengths (default: L/4, L/2, 3L/4)")
-    p.add_argument("--reg-stride", type=int, default=1, help="every stride-th tail layer enters the loss (0: last)")
+    p.add_argument("--reg-stride", type=int, default=1,
+                   help="every stride-th tail layer and the last enter the loss (0: the published default, the last "
+                        "block alone on h_(L-n), IDN only)")
     p.add_argument("--reg-warmup", type=float, default=0.2, help="fraction of training over which lambda ramps up")
     p.add_argument("--reg-detach", action="store_true", help="detach the sequential target")
     p.add_argument("--reg-mode", choices=("all", "sample", "batched"), default="all",
@@ -181,7 +183,7 @@ def _demo(args) -> int:
 
 def _train(args) -> int:
     from ..inference import snlp
-    from ..training.loop import Data, train
+    from ..training.loop import Data, Interrupted, train
 
     cfg = train_config(args)
     if args.sft_n_par:
@@ -189,10 +191,18 @@ def _train(args) -> int:
                                                           jacobian=strategy(args.sft_strategy)))
     cfg = dataclasses.replace(cfg, save_every=args.save_every, init_from=args.init_from)
     data = Data.prepare(args.corpus, cfg.model.vocab_size, CACHE)
-    metrics = train(cfg, data, args.out, resume=args.resume)
-    data.tokenizer.save(args.out / "tokenizer")
+    try:
+        metrics = train(cfg, data, args.out, resume=args.resume)
+    except Interrupted as stop:  # a checkpoint of the step is saved: the message, not a traceback
+        print(f"interrupted at step {stop.step}; continue with --resume", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second signal: stopped at once, mid-step
+        print(f"stopped at once; --resume continues from the last checkpoint in {args.out}, if any", file=sys.stderr)
+        return 130
     final = metrics["evals"][-1]
     print(f"validation loss {final['loss']:.4f}, ppl {final['ppl']:.2f}, bpb {final['bpb']:.4f}; run in {args.out}")
+    if metrics["skipped_steps"]:
+        print(f"{metrics['skipped_steps']} steps skipped: their SNLP solve did not end ok", file=sys.stderr)
     return 0
 
 

@@ -8,7 +8,7 @@ text, so the split is the same on every run and machine and does not depend on f
 A split is tokenized into one stream in which every document starts with BOS, as nanochat prepends BOS to each
 document; the stream is cached on disk keyed by the text and the tokenizer. `TokenLoader` walks the training
 stream in (B, T) batches with a position of plain ints, so a run resumes bit-for-bit; `TokenStream.
-validation_batches` gives the same validation batches every time; `bpb_sums` turns losses into bits per byte.
+validation_batches` gives the same validation batches every time.
 """
 
 from __future__ import annotations
@@ -321,16 +321,6 @@ def _batch(tokens: torch.Tensor, offset: int, batch_size: int, seq_len: int, ran
     start = offset + rank * batch_size * seq_len
     chunk = tokens[start:start + batch_size * seq_len + 1].to(device=device, dtype=torch.long)
     return chunk[:-1].view(batch_size, seq_len), chunk[1:].view(batch_size, seq_len)
-
-
-def bpb_sums(losses: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nats, bytes): the summed per-token losses (nats, `reduction="none"`) of the targets that stand for text,
-    and the UTF-8 bytes those targets decode to. Accumulate both over the validation batches (and ranks); bits
-    per byte = nats / (ln 2 * bytes), as nanochat's evaluate_bpb. Special tokens (BOS) have 0 bytes in
-    `Tokenizer.token_bytes()` and count in neither sum."""
-    nbytes = token_bytes.to(targets.device)[targets]
-    return (losses.double() * (nbytes > 0)).sum(), nbytes.sum(dtype=torch.long)
 
 
 def default_tokenizer(cache_dir: str | Path, vocab_size: int) -> Tokenizer:

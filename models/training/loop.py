@@ -1,84 +1,35 @@
 """Training: nanochat's recipe (Muon for block matrices, AdamW for embeddings, head and scalars; warm-up, constant,
-linear warm-down), with SNLP-aware regularization and SNLP-forward fine-tuning.
+linear warm-down), with SNLP-aware regularization and SNLP-forward fine-tuning; the step itself is `step.py`'s.
 
-One step: the sequential forward keeps its trace, the loss is cross-entropy plus lambda * w(t) * the regularizer
-on that trace (w ramps linearly over the first `reg_warmup` of training); or, for SNLP-forward SFT, cross-entropy on
-the logits of `snlp.forward(model, x, sft_plan)`. Checkpoints hold the weights (nanochat format), the optimizer
-state, the data position and the metrics, written atomically; `resume=True` continues bit-for-bit on the CPU.
-Under torchrun the step is data-parallel with DDP (nccl on GPU, gloo on CPU), each rank on its slice of the batch.
+Checkpoints (`checkpoint.py`) are written every `save_every` steps and at the end; `resume=True` continues from the
+latest bit-for-bit on the CPU. SIGINT or SIGTERM (Ctrl-C) stops the run after the step in flight, with a checkpoint
+of it, by raising `Interrupted`; a second signal stops at once. Under torchrun the step is data-parallel with DDP,
+each rank on its slice of the batch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
+import signal
 import sys
-import time
-from dataclasses import dataclass, field
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from .. import nanochat
-from ..inference import snlp
-from ..io import write_atomic, write_json
 from ..nanochat.gpt import GPT
+from .checkpoint import Resumed, restore, save_checkpoint
 from .config import TrainConfig
 from .data import TokenLoader, TokenStream, default_tokenizer, load_corpus, token_stream
+from .distributed import Distributed, any_rank
 from .evaluate import Validation, sequential_metrics
-from .optim import cpu_float32_newton_schulz, lr_multiplier, optimizers, reg_weight, unused_parameters
-from .regularizer import snlp_loss
+from .optim import optimizers, unused_parameters
+from .step import StepLoss, train_step
 from .tokenizer import Tokenizer, train_tokenizer
-
-
-class StepLoss(nn.Module):
-    """The training objective of one batch as a module, so DDP can wrap it: returns (loss, cross-entropy, reg)."""
-
-    def __init__(self, model: GPT, cfg: TrainConfig):
-        super().__init__()
-        self.model, self.cfg = model, cfg
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, step: int):
-        model, cfg = self.model, self.cfg
-        if cfg.sft_plan is not None:
-            logits = snlp.forward(model, x, cfg.sft_plan, throw=False).logits
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            return ce, ce.detach(), torch.zeros(())
-        emb = model.embed(x)
-        trace = model.trace(emb)
-        logits = model.head(trace[-1], trace[model.backout_layer])
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        if cfg.regularizer is None or cfg.reg_lambda == 0:
-            return ce, ce.detach(), torch.zeros(())
-        reg = snlp_loss(model, emb, trace, cfg.regularizer, step)
-        return ce + reg_weight(cfg, step) * reg, ce.detach(), reg.detach()
-
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @classmethod
-    def from_env(cls) -> "Distributed":
-        """torchrun's RANK / WORLD_SIZE / LOCAL_RANK; a single process otherwise."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        return cls(rank, world, device)
 
 
 @dataclass
@@ -103,48 +54,49 @@ class Data:
         return Validation(self.val, self.tokenizer.token_bytes(), batch_size, cfg.model.sequence_len, cfg.eval_tokens)
 
 
-def _optimizer_path(directory: Path, step: int, rank: int) -> Path:
-    return directory / f"optim_{step:06d}_rank{rank}.pt"
+class Interrupted(Exception):
+    """Training stopped on a signal after finishing a step and saving a checkpoint of it."""
+
+    def __init__(self, step: int, directory: Path):
+        super().__init__(f"interrupted at step {step}; its checkpoint is in {directory}")
+        self.step, self.directory = step, directory
 
 
-def save_checkpoint(directory: Path, step: int, model: GPT, opts, loader: TokenLoader, cfg: TrainConfig,
-                    metrics: dict, env: Distributed) -> None:
-    """Optimizer state first (every rank), then metrics, then meta and weights (rank 0): a checkpoint is complete
-    when its model file exists, and every file is written atomically."""
-    state = {"optimizers": [o.state_dict() for o in opts]}
-    write_atomic(_optimizer_path(directory, step, env.rank), lambda f: torch.save(state, f))
-    if env.rank == 0:
-        write_json(directory / "metrics.json", metrics)
-        nanochat.save(model, directory, step, meta={"train_config": cfg.to_dict(), "loader": loader.state_dict(),
-                                                    "world_size": env.world})
+class StopRequests:
+    """While active: the first SIGINT or SIGTERM records a request to stop after the step in flight (`signum`); a
+    second one stops at once (KeyboardInterrupt). The previous handlers come back on exit. Python takes signals
+    in the main thread only: elsewhere this records nothing."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def restore(directory: Path, cfg: TrainConfig, model: GPT, opts, loader: TokenLoader, env: Distributed):
-    """Load the latest checkpoint of `directory` into the run; returns (next step, metrics so far)."""
-    available = nanochat.steps(directory)
-    if not available:
-        raise FileNotFoundError(f"--resume: no checkpoint in {directory}; start without --resume")
-    step = available[-1]
-    meta = json.loads(nanochat.paths(directory, step)[1].read_text())
-    saved, current = meta.get("train_config", {}), cfg.to_dict()
-    differing = sorted(k for k in set(saved) | set(current) if k != "steps" and saved.get(k) != current.get(k))
-    if differing:
-        raise ValueError(f"--resume: the checkpoint in {directory} was trained with another config (differing: "
-                         f"{differing}); resume with the same settings, or train into a new --out directory")
-    model.load_state_dict(nanochat.load(directory, step, device=env.device).state_dict())
-    state = torch.load(_optimizer_path(directory, step, env.rank), map_location=env.device, weights_only=False)
-    for opt, s in zip(opts, state["optimizers"]):
-        opt.load_state_dict(s)
-    loader.load_state_dict(meta["loader"])
-    metrics = json.loads((directory / "metrics.json").read_text())
-    metrics["train"] = [r for r in metrics["train"] if r["step"] < step]
-    metrics["evals"] = [r for r in metrics["evals"] if r["step"] <= step]
-    return step, metrics
+    def __enter__(self) -> "StopRequests":
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write, not print: the handler may run while the progress bar is inside a buffered write to stderr.
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (again: stop "
+                    "at once)\n".encode())
+
+    def _restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def train(cfg: TrainConfig, data: Data, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
     """Train a model from scratch (or resume `out_dir`'s latest checkpoint); returns the metrics, also written to
-    `out_dir/metrics.json`, with the final checkpoint in `out_dir`."""
+    `out_dir/metrics.json`, with the final checkpoint and the tokenizer in `out_dir`. Raises `Interrupted` after
+    saving, when a signal asked to stop."""
     env = Distributed.from_env()
     out_dir = Path(out_dir)
     if data.tokenizer.get_vocab_size() != cfg.model.vocab_size:
@@ -152,6 +104,46 @@ def train(cfg: TrainConfig, data: Data, out_dir: str | Path, resume: bool = Fals
                          f"vocab_size={cfg.model.vocab_size}: train with --vocab-size equal to the tokenizer's")
     if cfg.batch_size % env.world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {env.world} processes")
+    model = _initial_model(cfg, env)
+    opts = optimizers(model, cfg)
+    loader = TokenLoader(data.train, cfg.batch_size // env.world, cfg.model.sequence_len, env.rank, env.world,
+                         env.device)
+    run = (restore(out_dir, cfg, model, opts, loader, env) if resume
+           else Resumed(0, {"config": cfg.to_dict(), "train": [], "evals": [], "skipped_steps": 0}))
+    metrics = run.metrics
+    objective = StepLoss(model, cfg)
+    if env.world > 1:
+        objective = nn.parallel.DistributedDataParallel(objective)
+    validation = data.validation(cfg)
+    tokenizer = data.tokenizer  # written with this run's first checkpoint
+    with StopRequests() as stop, tqdm(
+            range(run.step, cfg.steps), initial=run.step, total=cfg.steps, disable=not show_progress or env.rank > 0,
+            desc="train", unit="step", dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 15.0) as bar:  # a log file gets a line every 15 s
+        for step in bar:
+            record = train_step(objective, opts, cfg, *next(loader), step)
+            metrics["train"].append(asdict(record))
+            metrics["skipped_steps"] += record.skipped
+            bar.set_postfix(loss=f"{record.ce:.3f}", reg=f"{record.reg:.3f}", skipped=metrics["skipped_steps"],
+                            tok_s=f"{cfg.batch_size * cfg.model.sequence_len / record.seconds:.0f}")
+            done = step + 1
+            last = done == cfg.steps
+            stopping = any_rank(stop.signum is not None, env.device) and not last
+            if not stopping and ((cfg.eval_every and done % cfg.eval_every == 0) or last):
+                model.eval()
+                metrics["evals"].append({"step": done, **sequential_metrics(model, validation)})
+                model.train()
+            if (cfg.save_every and done % cfg.save_every == 0) or last or stopping:
+                save_checkpoint(out_dir, done, model, opts, loader, cfg, metrics, env, tokenizer)
+                tokenizer = None
+            if stopping:
+                raise Interrupted(done, out_dir)
+    return metrics
+
+
+def _initial_model(cfg: TrainConfig, env: Distributed) -> GPT:
+    """nanochat's initialization (or the `init_from` checkpoint's weights) on the run's device, with the parameters
+    the config switches off frozen."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model)
     model.init_weights(seed=cfg.seed)
@@ -166,45 +158,4 @@ def train(cfg: TrainConfig, data: Data, out_dir: str | Path, resume: bool = Fals
         p.requires_grad_(False)
     if cfg.regularizer is not None:
         cfg.regularizer.check(model)
-    opts = optimizers(model, cfg)
-    loader = TokenLoader(data.train, cfg.batch_size // env.world, cfg.model.sequence_len, env.rank, env.world,
-                         env.device)
-    metrics = {"config": cfg.to_dict(), "train": [], "evals": []}
-    start, metrics = restore(out_dir, cfg, model, opts, loader, env) if resume else (0, metrics)
-    step_loss = StepLoss(model, cfg)
-    if env.world > 1:
-        step_loss = nn.parallel.DistributedDataParallel(step_loss)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
-                else contextlib.nullcontext())
-    validation = data.validation(cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not show_progress or env.rank > 0,
-               desc="train", unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 15.0)  # a log file gets a line every 15 s
-    tokens_per_step = cfg.batch_size * cfg.model.sequence_len
-    for step in bar:
-        t0 = time.perf_counter()
-        for opt in opts:
-            for g in opt.param_groups:
-                g["lr"] = g["initial_lr"] * lr_multiplier(cfg, step)
-        x, y = next(loader)
-        with autocast:
-            loss, ce, reg = step_loss(x, y, step)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        with cpu_float32_newton_schulz():
-            for opt in opts:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        metrics["train"].append({"step": step, "loss": loss.item(), "ce": ce.item(), "reg": reg.item(),
-                                 "seconds": seconds})
-        bar.set_postfix(loss=f"{float(ce):.3f}", reg=f"{float(reg):.3f}", tok_s=f"{tokens_per_step / seconds:.0f}")
-        last = step + 1 == cfg.steps
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-            model.eval()
-            metrics["evals"].append({"step": step + 1, **sequential_metrics(model, validation)})
-            model.train()
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
-            save_checkpoint(out_dir, step + 1, model, opts, loader, cfg, metrics, env)
-    return metrics
+    return model

@@ -1,22 +1,14 @@
-"""nanochat's optimization recipe: Muon (torch.optim.Muon) for the blocks' 2-D matrices, AdamW for embeddings,
-head and scalars with nanochat's groups, learning rates and betas; warm-up, constant, linear warm-down.
-
-On the CPU, torch's Muon runs its Newton-Schulz orthogonalization in bfloat16, which this machine's CPU has no fast
-matmul for (2 s per step for a 1.5M-parameter model, 25x the float32 time). `cpu_float32_newton_schulz` runs the
-same iteration, with the same coefficients, in float32 for CPU tensors while the optimizer steps; CUDA tensors keep
-torch's bfloat16 path.
-"""
+"""nanochat's optimization recipe: Muon (ours, `muon.py`) for the blocks' 2-D matrices, AdamW for embeddings,
+head and scalars with nanochat's groups, learning rates and betas; warm-up, constant, linear warm-down."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.optim._muon as _muon
 from torch import nn
 
 from ..nanochat.gpt import GPT
 from .config import TrainConfig
+from .muon import Muon
 
 
 def lr_multiplier(cfg: TrainConfig, step: int) -> float:
@@ -65,38 +57,8 @@ def optimizers(model: GPT, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
         group([p for p in model.transformer.h.parameters() if id(p) in hyper], 0.01, (0.9, 0.999), 0.0),
     ]
     adam = torch.optim.AdamW([g for g in adam_groups if g["params"]], eps=1e-10)
-    muon = torch.optim.Muon(matrices, lr=cfg.matrix_lr, momentum=0.95, weight_decay=cfg.weight_decay,
-                            adjust_lr_fn="original")
+    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=0.95, weight_decay=cfg.weight_decay)
     for opt in (adam, muon):
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
     return [muon, adam]
-
-
-def _newton_schulz_float32(grad: torch.Tensor, coefficients, steps: int, eps: float) -> torch.Tensor:
-    """torch's quintic Newton-Schulz iteration (torch.optim._muon), in float32."""
-    a, b, c = coefficients
-    x = grad.float()
-    tall = x.size(0) > x.size(1)
-    x = x.T if tall else x
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
-@contextlib.contextmanager
-def cpu_float32_newton_schulz():
-    """While active, Muon orthogonalizes CPU gradients in float32 (see the module docstring)."""
-    original = _muon._zeropower_via_newtonschulz
-
-    def dispatch(grad, coefficients, steps, eps):
-        return original(grad, coefficients, steps, eps) if grad.is_cuda else _newton_schulz_float32(
-            grad, coefficients, steps, eps)
-
-    _muon._zeropower_via_newtonschulz = dispatch
-    try:
-        yield
-    finally:
-        _muon._zeropower_via_newtonschulz = original
