@@ -3,15 +3,19 @@
 import json
 
 import pytest
+import torch
 
-from models.tools import cli
+import layersolve as ls
+from models import nanochat, snlp
+from models.tools import bench, cli
+from models.tools.names import STRATEGIES, n_par_configs, plan_name, strategy
 
 
 def test_toy_demo_writes_results(tmp_path, capsys):
     assert cli.main(["demo", "--toy", "--out", str(tmp_path), "--depth", "6", "--width", "4"]) == 0
     results = json.loads((tmp_path / "demo.json").read_text())
     assert results["config"]["layers"] == 6
-    assert {r["solver"] for r in results["runs"]} >= {"Jacobi", "Identity (IDN)", "Exact (krylov)"}
+    assert {r["solver"] for r in results["runs"]} >= {"Jacobi", "Identity (IDN)", "Exact (Newton)"}
     for run in results["runs"]:
         assert run["result"] == "CONVERGED" and run["error"][-1] <= 1e-9 and run["iterations"] <= 6
     assert (tmp_path / "demo_convergence.png").stat().st_size > 1000
@@ -24,9 +28,33 @@ def test_unknown_option_is_refused(capsys):
     assert info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
-def test_later_subcommands_say_so(capsys):
-    assert cli.main(["study"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_strategy_names():
+    assert {name: type(strategy(name)) for name in STRATEGIES} == {
+        "jacobi": ls.Zero, "idn": ls.Identity, "scaled": ls.Scaled, "hcn": ls.Mixing, "diagonal": ls.Diagonal}
+    assert strategy("diagonal", probes=2) == ls.Diagonal(probes=2) and strategy("diagonal").probes == 4
+    assert strategy("idn", probes=2) == ls.Identity()
+    with pytest.raises(ValueError, match="strategy must be one of .*'idn'.*, got 'newton'"):
+        strategy("newton")
+
+
+def test_default_tail_lengths():
+    assert n_par_configs(32) == (8, 16, 24) and n_par_configs(8, quarters=(1, 2)) == (2, 4)
+    assert n_par_configs(2) == (1,) and n_par_configs(1) == (1,)
+    for bad in ({"n_layer": 0}, {"n_layer": 8, "quarters": ()}, {"n_layer": 8, "quarters": (5,)}):
+        with pytest.raises(ValueError):
+            n_par_configs(**bad)
+
+
+def test_train_flags_take_the_default_tail_lengths():
+    args = cli._parser().parse_args(["train", "--reg", "diagonal", "--reg-probes", "3", "--depth", "8"])
+    reg = cli.train_config(args).regularizer
+    assert reg.n_par_configs == (2, 4, 6) and reg.jacobian == ls.Diagonal(probes=3)
+
+
+def test_there_are_no_stub_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["study"])
+    assert info.value.code == 2 and "invalid choice: 'study'" in capsys.readouterr().err
 
 
 def test_bench_writes_a_table_and_json(tmp_path, capsys):
@@ -35,9 +63,47 @@ def test_bench_writes_a_table_and_json(tmp_path, capsys):
     results = json.loads((tmp_path / "bench.json").read_text())
     assert {"device", "torch", "warmup", "repeats", "shape", "rows"} <= set(results)
     names = [r["case"] for r in results["rows"]]
-    assert names[0] == "sequential" and len(names) == 7 and results["rows"][0]["speedup"] == 1.0
+    assert names == ["sequential"] + [plan_name(p) for p in bench.default_plans(4)]
+    assert results["rows"][0]["speedup"] == 1.0 and "result" not in results["rows"][0]
     assert all(r["median_s"] > 0 for r in results["rows"])
-    assert "speedup" in capsys.readouterr().out
+    assert all(ls.Result[r["result"]].ok for r in results["rows"][1:])
+    out = capsys.readouterr().out
+    assert "speedup" in out and "IDN n4 K1 repeat" in out and bench.FAILED_MARK + ":" not in out
+
+
+@pytest.mark.parametrize("n_layer", [2, 3, 4, 6, 8])
+def test_bench_default_plans_fit_the_model(n_layer):
+    plans = bench.default_plans(n_layer)
+    assert len({plan_name(p) for p in plans}) == len(plans)
+    for plan in plans:
+        assert 1 <= plan.n_par <= n_layer and plan.n_par % plan.fuse == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = nanochat.GPT(nanochat.GPTConfig(sequence_len=32, vocab_size=512, n_layer=4, n_head=1, n_kv_head=1,
+                                            n_embd=64))
+    model.init_weights(seed=0, output_std=0.02)
+    return model.eval()
+
+
+def test_bench_rows_carry_the_solve_result_and_the_table_marks_failures(tiny_model):
+    idx = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    plans = {"exact": snlp.Plan(n_par=4, iters=4),
+             "diverges": snlp.Plan(n_par=4, jacobian=ls.Scaled(1e3), iters=3)}  # J~ = 1000 I blows the step up
+    results = bench.run(tiny_model, idx, plans, warmup=0, repeats=1, progress=lambda line: None)
+    rows = {r["case"]: r for r in results["rows"]}
+    assert rows["exact"]["result"] == "CONVERGED" and rows["diverges"]["result"] == "DIVERGED"
+    lines = {line.split()[0]: line for line in bench.table(results).splitlines()[2:]}
+    assert lines["diverges"].endswith(f"{bench.FAILED_MARK} DIVERGED")
+    assert lines["exact"].endswith(" CONVERGED") and bench.FAILED_MARK not in lines["exact"]
+    assert lines["sequential"].endswith(" -")
+    assert lines[bench.FAILED_MARK + ":"].startswith(f"{bench.FAILED_MARK}: the solve did not end ok")
+
+
+def test_bench_refuses_a_plan_named_like_the_reference(tiny_model):
+    with pytest.raises(ValueError, match="'sequential' is the sequential forward's row"):
+        bench.run(tiny_model, torch.zeros(1, 4, dtype=torch.long), {"sequential": snlp.Plan(n_par=2)})
 
 
 def test_bench_refuses_bad_sizes(capsys):
@@ -118,5 +184,6 @@ def test_demo_pipeline_on_a_small_config(tmp_path, capsys):
     assert set(report["models"]) == {"baseline", "idn-regularized"}
     grid = report["models"]["baseline"]["grid"]
     assert "IDN n2 K4 repeat" in grid and "Jacobi n2 K1 repeat" in grid
+    assert "n_par_configs=(1, 2)" in report["regularizer"]  # L/4 and L/2 of 4 layers
     for name in ("report.md", "convergence.png", "frontier.png"):
         assert (tmp_path / name).stat().st_size > 100

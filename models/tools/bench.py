@@ -9,31 +9,27 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 import layersolve as ls
 
 from ..inference import snlp
-from ..nanochat.gpt import GPT
+from ..nanochat import GPT
+
+SEQUENTIAL = "sequential"  # the first row of every run: the model's own forward, the reference
+FAILED_MARK = "!"
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    plan: snlp.Plan | None  # None: the sequential forward
-
-
-def default_cases(n_layer: int) -> list[Case]:
+def default_plans(n_layer: int) -> list[snlp.Plan]:
+    """Jacobi and IDN over half the layers, IDN over all of them, and the half tail fused into chunks of two
+    blocks (where they divide it) and into one chunk (CxFM). n_layer >= 2."""
     half = n_layer // 2
-    return [Case("sequential", None),
-            Case(f"Jacobi n{half} K1", snlp.Plan(n_par=half, jacobian=ls.Zero(), iters=1)),
-            Case(f"IDN n{half} K1", snlp.Plan(n_par=half, iters=1)),
-            Case(f"IDN n{half} K2", snlp.Plan(n_par=half, iters=2)),
-            Case(f"IDN n{n_layer} K1", snlp.Plan(n_par=n_layer, iters=1)),
-            Case(f"IDN {half // 2}xF2 K1", snlp.Plan(n_par=half, fuse=2, iters=1)),
-            Case(f"IDN 1xF{half} K1", snlp.Plan(n_par=half, fuse=half, iters=1))]
+    fusions = sorted({f for f in (2, half) if f > 1 and half % f == 0})
+    return [snlp.Plan(n_par=half, jacobian=ls.Zero(), iters=1), snlp.Plan(n_par=half, iters=1),
+            snlp.Plan(n_par=half, iters=2), snlp.Plan(n_par=n_layer, iters=1),
+            *(snlp.Plan(n_par=half, fuse=f, iters=1) for f in fusions)]
 
 
 def _timer(device: torch.device):
@@ -54,24 +50,35 @@ def _timer(device: torch.device):
 
 
 @torch.no_grad()
-def run(model: GPT, idx: torch.Tensor, cases: list[Case], warmup: int = 3, repeats: int = 10,
+def run(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: int = 3, repeats: int = 10,
         progress=print) -> dict:
-    """Time every case; quality columns compare each plan's logits with the sequential forward's."""
+    """Time the sequential forward (the first row, "sequential") and every named plan. Quality columns compare
+    each plan's logits with the sequential forward's; a plan's row carries "result", the name of its solve's
+    `ls.Result` (a solve that does not end ok keeps its row and its timing, but its logits are not the model's)."""
+    if SEQUENTIAL in plans:
+        raise ValueError(f"plans: the name {SEQUENTIAL!r} is the sequential forward's row; name the plan otherwise")
     timed = _timer(idx.device)
     reference = model(idx)
+    cases = {SEQUENTIAL: None, **plans}
     rows = []
-    for i, case in enumerate(cases, start=1):
+    for i, (name, plan) in enumerate(cases.items(), start=1):
         def call():
-            return model(idx) if case.plan is None else snlp.forward(model, idx, case.plan, throw=False).logits
+            if plan is None:
+                return model(idx), None
+            out = snlp.forward(model, idx, plan, throw=False)
+            return out.logits, out.result
+
         for _ in range(warmup):
             call()
         times = [timed(call) for _ in range(repeats)]
-        logits = call()
-        row = {"case": case.name, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+        logits, result = call()
+        row = {"case": name, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
                "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
                "max_abs_logit_diff": float((logits - reference).abs().max())}
+        if result is not None:
+            row["result"] = result.name
         rows.append(row)
-        progress(f"[{i}/{len(cases)}] {case.name}: {row['median_s'] * 1e3:.1f} ms")
+        progress(f"[{i}/{len(cases)}] {name}: {row['median_s'] * 1e3:.1f} ms, solve {_outcome(row)}")
     base = rows[0]["median_s"]
     for row in rows:
         row["speedup"] = base / row["median_s"]
@@ -82,14 +89,31 @@ def run(model: GPT, idx: torch.Tensor, cases: list[Case], warmup: int = 3, repea
             "treatment": "eager for both paths: same kernels, no compile, no CUDA graphs", "rows": rows}
 
 
+def failed(row: dict) -> bool:
+    """Whether a plan's solve did not end ok (the sequential row has no solve)."""
+    return "result" in row and not ls.Result[row["result"]].ok
+
+
+def _outcome(row: dict) -> str:
+    if "result" not in row:
+        return "-"
+    return f"{FAILED_MARK} {row['result']}" if failed(row) else row["result"]
+
+
 def table(results: dict) -> str:
+    """The rows as text, with how each solve ended; a row whose solve did not end ok is marked, and a note under
+    the table says what the mark means."""
     lines = [f"prefill, batch {results['shape']['batch']} x {results['shape']['tokens']} tokens on {results['device']} "
              f"({results['dtype']}, {results['threads']} threads, median of {results['repeats']})",
-             f"{'case':<18} {'median ms':>10} {'spread ms':>12} {'speedup':>8} {'top-1 agr':>10} {'max |dlogit|':>13}"]
+             f"{'case':<26} {'median ms':>10} {'spread ms':>12} {'speedup':>8} {'top-1 agr':>10} {'max |dlogit|':>13}"
+             "  solve"]
     for r in results["rows"]:
         spread = f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}"
-        lines.append(f"{r['case']:<18} {r['median_s'] * 1e3:>10.1f} {spread:>12} {r['speedup']:>7.2f}x "
-                     f"{r['top1_agreement']:>10.3f} {r['max_abs_logit_diff']:>13.2e}")
+        lines.append(f"{r['case']:<26} {r['median_s'] * 1e3:>10.1f} {spread:>12} {r['speedup']:>7.2f}x "
+                     f"{r['top1_agreement']:>10.3f} {r['max_abs_logit_diff']:>13.2e}  {_outcome(r)}")
+    if any(failed(r) for r in results["rows"]):
+        lines.append(f"{FAILED_MARK}: the solve did not end ok (diverged, non-finite, or short of its tolerance): its "
+                     "logits are not the model's, so its time is not the model's either")
     return "\n".join(lines)
 
 

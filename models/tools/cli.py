@@ -13,10 +13,9 @@ import torch
 import layersolve as ls
 
 from ..io import write_json
-from .names import STRATEGIES, plan_name, strategy
+from .names import STRATEGIES, n_par_configs, plan_name, strategy
 
 CACHE = Path(os.environ.get("SNLP_CACHE", "snlp-out/cache"))  # tokenizers and tokenized corpora
-LATER = {"study": "studies arrive with the analysis notebooks"}
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -41,7 +40,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _reg_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reg", choices=("none",) + STRATEGIES, default="none",
+    p.add_argument("--reg", choices=("none", *STRATEGIES), default="none",
                    help="SNLP-aware regularization surrogate: idn, scaled, hcn (mHC), diagonal (Hutchinson)")
     p.add_argument("--reg-lambda", type=float, default=1.0, help="weight of the regularizer (default 1)")
     p.add_argument("--n-par-configs", type=int, nargs="+", help="tail lengths (default: L/4, L/2, 3L/4)")
@@ -57,7 +56,7 @@ def _reg_flags(p: argparse.ArgumentParser) -> None:
 
 def train_config(args):
     """The TrainConfig the flags describe."""
-    from ..nanochat.gpt import GPTConfig
+    from ..nanochat import GPTConfig
     from ..training.regularizer import Regularizer
     from ..training.config import PRESETS, gpu_model
 
@@ -79,8 +78,7 @@ def train_config(args):
                "eval_tokens": args.eval_tokens, "seed": args.seed}
     cfg = dataclasses.replace(cfg, model=model, **{k: v for k, v in changes.items() if v is not None})
     if getattr(args, "reg", "none") != "none":
-        L = model.n_layer
-        configs = tuple(args.n_par_configs or sorted({max(1, L // 4), max(1, L // 2), max(1, 3 * L // 4)}))
+        configs = tuple(args.n_par_configs or n_par_configs(model.n_layer))
         reg = Regularizer(strategy(args.reg, args.reg_probes), configs, args.reg_stride, args.reg_detach,
                           args.reg_mode)
         cfg = dataclasses.replace(cfg, regularizer=reg, reg_lambda=args.reg_lambda, reg_warmup=args.reg_warmup)
@@ -149,16 +147,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--train", action="store_true",
                        help="time training steps instead: plain vs the IDN regularizer in modes all / sample / "
                             "batched, on the tiny preset (configs L/4, L/2, 3L/4)")
-    for name, why in LATER.items():
-        sub.add_parser(name, help=f"(not yet: {why})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in LATER:
-        print(f"snlp {args.command}: not implemented yet: {LATER[args.command]}.", file=sys.stderr)
-        return 2
     try:
         return {"demo": _demo, "train": _train, "eval": _eval, "generate": _generate, "bench": _bench}[args.command](args)
     except (ValueError, FileNotFoundError, ls.SolveError) as err:  # bad input: the message, not a traceback
@@ -175,8 +168,7 @@ def _demo(args) -> int:
         demo.run_toy(args.out, demo.ToyConfig(layers=args.depth or 24, width=width, seed=args.seed or 0))
         return 0
     cfg = train_config(args)
-    L = cfg.model.n_layer
-    regularizer = Regularizer(ls.Identity(), tuple(sorted({max(1, L // 4), max(1, L // 2)})), stride=1)
+    regularizer = Regularizer(ls.Identity(), n_par_configs(cfg.model.n_layer, quarters=(1, 2)), stride=1)
     demo.run_models(args.out, cfg, regularizer, args.reg_lambda, CACHE)
     return 0
 
@@ -265,7 +257,7 @@ def _generate(args) -> int:
 
 def _bench(args) -> int:
     from . import bench
-    from ..nanochat.gpt import GPT, GPTConfig
+    from ..nanochat import GPT, GPTConfig
 
     if args.train:
         return _bench_train(args)
@@ -278,7 +270,8 @@ def _bench(args) -> int:
     model.init_weights(seed=0, output_std=0.02)
     model = model.to(args.device).eval()
     idx = torch.randint(0, cfg.vocab_size, (args.batch, args.tokens), device=args.device)
-    results = bench.run(model, idx, bench.default_cases(cfg.n_layer), repeats=args.repeats)
+    plans = bench.default_plans(cfg.n_layer)
+    results = bench.run(model, idx, {plan_name(p): p for p in plans}, repeats=args.repeats)
     print(bench.table(results))
     write_json(args.out / "bench.json", results)
     print(f"wrote {args.out / 'bench.json'} (random weights: the quality columns only show the plans run)")
@@ -291,8 +284,7 @@ def _bench_train(args) -> int:
     from ..training.config import PRESETS
 
     cfg = PRESETS["tiny"]
-    L = cfg.model.n_layer
-    configs = (L // 4, L // 2, 3 * L // 4)
+    configs = n_par_configs(cfg.model.n_layer)
     modes = {"plain": cfg}
     for mode in ("all", "sample", "batched"):
         modes[f"IDN reg, {mode}"] = dataclasses.replace(cfg, regularizer=Regularizer(ls.Identity(), configs, mode=mode),

@@ -50,7 +50,7 @@ SOLVERS = {
     "Identity (IDN)": ls.Newton(jacobian=ls.Identity()),
     "Scaled (true a)": ls.Newton(jacobian=ls.Scaled()),
     "Diagonal (4 probes)": ls.Newton(jacobian=ls.Diagonal(probes=4)),
-    "Exact (krylov)": ls.Newton(jacobian=ls.Exact(method=ls.GMRES())),
+    "Exact (GMRES)": ls.Newton(jacobian=ls.Exact(method=ls.GMRES())),
 }
 
 
