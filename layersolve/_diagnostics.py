@@ -7,6 +7,7 @@ Failure is data: `solve(..., throw=False)` returns a `Solution` whose `result` s
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,16 @@ class Result(enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    @staticmethod
+    def worst(results: Iterable[Result]) -> Result:
+        """The most severe of several results (a schedule's segments, an evaluation's batches): non-finite, then
+        diverged, max_iters, completed, fell back, converged."""
+        return min(results, key=_SEVERITY.index)
+
+
+_SEVERITY = (Result.NONFINITE, Result.DIVERGED, Result.MAX_ITERS, Result.COMPLETED, Result.FELL_BACK,
+             Result.CONVERGED)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def solve(system: LayerSystem, h0: Tensor, solver: Newton | None = None, *, iter
         results.append(result)
 
     stats = records[0] if len(records) == 1 else _combine(records)
-    result = _worst(results)
+    result = Result.worst(results)
     solution = Solution(torch.cat(pieces), result, stats)
     if throw and not result.ok:
         raise SolveError(result, stats)
@@ -270,11 +270,3 @@ def _combine(records: list[Stats]) -> Stats:
                  depth=sum(s.depth for s in records),
                  prefix_tol=records[0].prefix_tol, fallback_layers=sum(s.fallback_layers for s in records),
                  segments=tuple(records))
-
-
-_SEVERITY = (Result.NONFINITE, Result.DIVERGED, Result.MAX_ITERS, Result.COMPLETED, Result.FELL_BACK,
-             Result.CONVERGED)
-
-
-def _worst(results: list[Result]) -> Result:
-    return min(results, key=_SEVERITY.index)

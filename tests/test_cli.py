@@ -15,7 +15,7 @@ def test_toy_demo_writes_results(tmp_path, capsys):
     assert cli.main(["demo", "--toy", "--out", str(tmp_path), "--depth", "6", "--width", "4"]) == 0
     results = json.loads((tmp_path / "demo.json").read_text())
     assert results["config"]["layers"] == 6
-    assert {r["solver"] for r in results["runs"]} >= {"Jacobi", "Identity (IDN)", "Exact (Newton)"}
+    assert {r["solver"] for r in results["runs"]} >= {"Jacobi", "Identity (IDN)", "Exact (GMRES)"}
     for run in results["runs"]:
         assert run["result"] == "CONVERGED" and run["error"][-1] <= 1e-9 and run["iterations"] <= 6
     assert (tmp_path / "demo_convergence.png").stat().st_size > 1000

@@ -12,6 +12,16 @@ def test_results_read_as_messages():
     assert str(ls.Result.DIVERGED).startswith("diverged")
 
 
+def test_worst_result_is_the_least_usable():
+    R = ls.Result
+    assert R.worst([R.CONVERGED, R.FELL_BACK, R.COMPLETED]) is R.COMPLETED
+    assert R.worst([R.CONVERGED, R.MAX_ITERS, R.DIVERGED]) is R.DIVERGED
+    assert R.worst([R.DIVERGED, R.NONFINITE]) is R.NONFINITE
+    assert R.worst([R.CONVERGED]) is R.CONVERGED
+    # the order ranks every usable result above every unusable one
+    assert all(R.worst([good, bad]) is bad for good in R if good.ok for bad in R if not bad.ok)
+
+
 def test_summary_and_error_carry_the_stats():
     system, h0 = residual_system(5, 3, seed=1), random_state((3,), seed=1)
     sol = ls.solve(system, h0, iters=2, reference=system.sequential(h0))

@@ -92,11 +92,11 @@ class KrylovMap(LinearMap):
 
 
 def _dot(a: Tensor, b: Tensor) -> float:
-    return float(torch.vdot(a.flatten(), b.flatten()).real)
+    return float(torch.vdot(a.detach().flatten(), b.detach().flatten()).real)
 
 
 def _norm(x: Tensor) -> float:
-    return float(torch.linalg.vector_norm(x))
+    return float(torch.linalg.vector_norm(x.detach()))
 
 
 def gmres(operator: Callable[[Tensor], Tensor], b: Tensor, precondition: Callable[[Tensor], Tensor],

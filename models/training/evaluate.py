@@ -23,9 +23,6 @@ from ..inference.decode import generate
 from ..nanochat.gpt import GPT
 from .data import TokenStream
 
-# Worst first: the order in which layersolve combines the results of a schedule's segments.
-SEVERITY = (ls.Result.NONFINITE, ls.Result.DIVERGED, ls.Result.MAX_ITERS, ls.Result.COMPLETED,
-            ls.Result.FELL_BACK, ls.Result.CONVERGED)
 FAILED_MARK = "!"
 
 
@@ -124,7 +121,7 @@ def plan_metrics(model: GPT, val: Validation, plan: snlp.Plan | None) -> dict:
            "seconds": seconds,
            "speedup": seconds["sequential"] / seconds["plan"] if seconds["plan"] else float("nan")}
     if plan is not None:
-        row["result"] = min(results, key=SEVERITY.index).name
+        row["result"] = ls.Result.worst(results).name
         row["failed_batches"] = sum(not r.ok for r in results)
         row["batches"] = len(results)
         row["layer_error"] = [float(e) for e in layer_error]
