@@ -43,6 +43,16 @@ def test_partial_tail_keeps_the_prefix_exact():
     assert sol.stats.exact_prefix.tolist() == [4, 5]
 
 
+def test_the_combined_exact_prefix_stops_at_the_first_inexact_segment():
+    """Two parallel segments of 5 at K = 2: each segment's first two layers have zero residual, but the second
+    segment starts from an inexact state, so only the first segment's prefix is exact overall."""
+    schedule = ls.Schedule((ls.Parallel(5), ls.Parallel(5)))
+    sol = ls.solve(system, h0, schedule=schedule, iters=2, final_residual=True, reference=reference)
+    assert [s.exact_prefix.tolist() for s in sol.stats.segments] == [[0, 1, 2], [0, 1, 2]]
+    assert sol.stats.exact_prefix.tolist() == [0, 1, 2]
+    assert sol.stats.error[-1, 5:].min() > 1e-8  # the second segment's "exact" layers are not the model's
+
+
 def test_bad_schedules():
     with pytest.raises(ValueError, match="schedule covers 9 layers, but the system has 10"):
         ls.solve(system, h0, schedule=ls.Schedule((ls.Sequential(4), ls.Parallel(5))))
