@@ -18,6 +18,32 @@ import layersolve as ls
 from ..inference import snlp
 from ..nanochat import GPT
 
+def environment(device: torch.device) -> dict:
+    """Where a measurement ran: the device's name (and driver on CUDA), the library versions, the CPU threads."""
+    env = {"device": platform.processor() or platform.machine() or "cpu", "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "python": platform.python_version()}
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        env["driver"] = _nvidia_driver()
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        import subprocess
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 SEQUENTIAL = "sequential"  # the first row of every run: the model's own forward, the reference
 FAILED_MARK = "!"
 
@@ -82,8 +108,7 @@ def run(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: i
     base = rows[0]["median_s"]
     for row in rows:
         row["speedup"] = base / row["median_s"]
-    device = torch.cuda.get_device_name(idx.device) if idx.device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {**environment(idx.device),
             "shape": {"batch": idx.shape[0], "tokens": idx.shape[1]}, "model_config": model.config.__dict__,
             "dtype": str(model.dtype), "warmup": warmup, "repeats": repeats,
             "treatment": "eager for both paths: same kernels, no compile, no CUDA graphs", "rows": rows}
@@ -146,6 +171,6 @@ def train_step_times(cfg, modes: dict, batch: tuple[torch.Tensor, torch.Tensor],
         progress(f"[{i}/{len(modes)}] {name}: {rows[-1]['median_s']:.3f} s/step")
     for row in rows:
         row["ratio"] = row["median_s"] / rows[0]["median_s"]
-    return {"device": str(x.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {**environment(x.device),
             "batch": list(x.shape), "model_config": dc.asdict(cfg.model), "warmup": warmup, "repeats": repeats,
             "rows": rows}

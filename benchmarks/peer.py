@@ -1,0 +1,166 @@
+"""Side-by-side timing against the published SNLP code (phymhan/nanochat-snlp), on the same weights, in one process.
+
+The published code is a peer, never a dependency: point --peer at a checkout of it (its `nanochat/` and `snlp/`
+folders). Its inference module imports the tokenizer stack through `nanochat.engine`; the timed paths never touch
+a tokenizer, so a stub stands in for `nanochat.tokenizer` rather than installing HF `tokenizers` for nothing.
+
+    python benchmarks/peer.py --peer /path/to/nanochat-snlp --out benchmarks/results/cpu-peer.json
+
+Setup (as in the issue that asked for it): float32, nanochat GPT without x0 / resid blend and value embeddings,
+full windows, n_par = L / 2, the same weights (ours saved, loaded into the peer's GPT). Rows interleave the two
+codes repeat by repeat, so drift of the machine hits both alike; the table reports medians and ours / peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import layersolve as ls  # noqa: E402
+from models import nanochat, snlp  # noqa: E402
+from models.inference.decode import generate  # noqa: E402
+from models.tools.bench import environment  # noqa: E402
+
+SHAPES = [(12, 128, 256), (24, 256, 512)]  # (layers, width, tokens)
+
+
+def import_peer(path: Path):
+    stub = types.ModuleType("nanochat.tokenizer")
+    stub.get_tokenizer = stub.get_token_bytes = None
+    sys.modules["nanochat.tokenizer"] = stub
+    sys.path.insert(0, str(path))
+    import nanochat.gpt as peer_gpt  # the peer's package is top-level `nanochat`; ours is `models.nanochat`
+    import snlp.inference_idn as peer_idn
+    return peer_gpt, peer_idn
+
+
+def twin_models(peer_gpt, layers: int, width: int, tokens: int):
+    """Our model with trained-like weights, and the peer's GPT loaded from our checkpoint."""
+    cfg = nanochat.GPTConfig(sequence_len=tokens, vocab_size=8192, n_layer=layers, n_head=width // 64,
+                             n_kv_head=width // 64, n_embd=width, window_pattern="L", no_x0_resid=True, no_ve=True)
+    ours = nanochat.GPT(cfg)
+    ours.init_weights(seed=0, output_std=0.02)
+    ours.eval()
+    peer = peer_gpt.GPT(peer_gpt.GPTConfig(sequence_len=tokens, vocab_size=8192, n_layer=layers, n_head=width // 64,
+                                           n_kv_head=width // 64, n_embd=width, window_pattern="L",
+                                           no_x0_resid=True, no_ve=True))
+    with tempfile.TemporaryDirectory() as run:
+        nanochat.save(ours, run, step=0)
+        state = torch.load(Path(run) / "model_000000.pt", map_location="cpu")
+    missing, unexpected = peer.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("cos", "sin")) for k in missing):
+        raise RuntimeError(f"peer checkpoint mismatch: missing {missing}, unexpected {unexpected}")
+    return ours, peer.eval()
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def side_by_side(cases: dict[str, tuple], repeats: int) -> dict[str, dict]:
+    """cases: name -> (ours, peer) callables. Interleaved: repeat r runs every case of both codes once."""
+    for ours, peer in cases.values():
+        timed(ours, 0, warmup=2), timed(peer, 0, warmup=2)
+    times = {name: ([], []) for name in cases}
+    for _ in range(repeats):
+        for name, (ours, peer) in cases.items():
+            times[name][0].extend(timed(ours, 1, warmup=0))
+            times[name][1].extend(timed(peer, 1, warmup=0))
+    rows = {}
+    for name, (a, b) in times.items():
+        rows[name] = {"ours_ms": 1e3 * statistics.median(a), "peer_ms": 1e3 * statistics.median(b),
+                      "ours_spread_ms": [1e3 * min(a), 1e3 * max(a)], "peer_spread_ms": [1e3 * min(b), 1e3 * max(b)]}
+        rows[name]["ratio"] = rows[name]["ours_ms"] / rows[name]["peer_ms"]
+    return rows
+
+
+def prefill_cases(ours, peer, peer_idn, layers: int, tokens: int) -> dict[str, tuple]:
+    n = layers // 2
+    idx = torch.randint(0, 8192, (1, tokens), generator=torch.Generator().manual_seed(0))
+    par = list(range(layers - n, layers))
+    pw = peer_idn.PrecomputedWeights(peer, par)
+    chunks = [peer_idn.ChunkWeights(peer, par[i:i + 2]) for i in range(0, n, 2)]
+    plan = lambda k, fuse=1: snlp.Plan(n_par=n, jacobian=ls.Identity(), iters=k, fuse=fuse)  # noqa: E731
+    with torch.inference_mode():  # the two codes compute the same function: check before timing
+        torch.testing.assert_close(ours(idx), peer_idn.forward_sequential(peer, idx), rtol=1e-4, atol=1e-4)
+    return {
+        "sequential": (lambda: ours(idx), lambda: peer_idn.forward_sequential(peer, idx)),
+        f"IDN n{n} K1": (lambda: snlp.forward(ours, idx, plan(1)),
+                         lambda: peer_idn.forward_idn_batched(peer, idx, layers - n, pw, K=1)),
+        f"IDN n{n} K2": (lambda: snlp.forward(ours, idx, plan(2)),
+                         lambda: peer_idn.forward_idn_batched(peer, idx, layers - n, pw, K=2)),
+        f"{n // 2}xF2 K1": (lambda: snlp.forward(ours, idx, plan(1, 2)),
+                            lambda: peer_idn.forward_chunkwise(peer, idx, layers - n, pw, chunks, K=1)),
+    }
+
+
+def decode_cases(ours, peer, peer_idn, layers: int, new_tokens: int) -> dict[str, tuple]:
+    n = layers // 2
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+    idx = torch.tensor([prompt])
+    pw = peer_idn.PrecomputedWeights(peer, list(range(layers - n, layers)))
+    plan = lambda k: snlp.Plan(n_par=n, jacobian=ls.Identity(), iters=k)  # noqa: E731
+    return {
+        "decode sequential": (lambda: generate(ours, idx, new_tokens),
+                              lambda: peer_idn.ar_generate_sequential(peer, prompt, new_tokens)),
+        f"decode IDN n{n} K1": (lambda: generate(ours, idx, new_tokens, plan=plan(1)),
+                                lambda: peer_idn.ar_generate_idn_batched(peer, prompt, pw, layers - n, new_tokens, K=1)),
+        f"decode IDN n{n} K2": (lambda: generate(ours, idx, new_tokens, plan=plan(2)),
+                                lambda: peer_idn.ar_generate_idn_batched(peer, prompt, pw, layers - n, new_tokens, K=2)),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--peer", type=Path, required=True, help="a checkout of phymhan/nanochat-snlp")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--out", type=Path, help="JSON results")
+    args = p.parse_args(argv)
+    if not (args.peer / "snlp" / "inference_idn.py").is_file():
+        p.error(f"--peer {args.peer}: no snlp/inference_idn.py there (expected a checkout of nanochat-snlp)")
+    peer_gpt, peer_idn = import_peer(args.peer)
+    results = {"environment": environment(torch.device("cpu")), "repeats": args.repeats,
+               "new_tokens": args.new_tokens, "shapes": {}}
+    for layers, width, tokens in SHAPES:
+        ours, peer = twin_models(peer_gpt, layers, width, tokens)
+        with torch.inference_mode():
+            rows = side_by_side(prefill_cases(ours, peer, peer_idn, layers, tokens), args.repeats)
+            decode = side_by_side(decode_cases(ours, peer, peer_idn, layers, args.new_tokens), args.repeats)
+        for row in decode.values():  # per generated token
+            for key in ("ours_ms", "peer_ms"):
+                row[key + "_per_token"] = row[key] / args.new_tokens
+        rows.update(decode)
+        name = f"L{layers} D{width} T{tokens}"
+        results["shapes"][name] = rows
+        print(f"\n{name}  (median of {args.repeats}; decode rows per token; ratio = ours / peer, < 1 is faster)")
+        for case, r in rows.items():
+            scale = args.new_tokens if case.startswith("decode") else 1
+            print(f"  {case:<20} ours {r['ours_ms'] / scale:8.2f} ms   peer {r['peer_ms'] / scale:8.2f} ms   "
+                  f"{r['ratio']:.2f}x")
+    if args.out:
+        from models.io import write_json
+        write_json(args.out, results)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
