@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import (VE_GATE_CHANNELS, AttentionWeights, BlockWeights, Context, KVCache, MLPWeights, at_least_float32,
-                    attention, block_forward, cat_weights, mlp, norm, rotary_tables)
+                    attention, cat_weights, mlp, norm, rotary_tables, run_block)
 from .config import GPTConfig, has_ve, window_sizes
 from .fusion import fuse_value_embeddings, fuse_weights
 from .mhc import HyperConnection
+from .prepared import Prepared
 from .system import BlockSystem
 
 SOFTCAP = 15.0
@@ -104,12 +105,7 @@ class Block(nn.Module):
         """f_l(h) = block_l(resid_l h + x0_l x0) for this layer l: h (B, T, D), or (B, S, T, D) with mHC, to the
         same shape. ctx covers every layer. With a KV cache (decoding), the block attends to its cached keys and
         values of earlier tokens and stores these tokens' own."""
-        layer = slice(self.layer, self.layer + 1)
-        ctx = ctx.select(layer, cache)
-        out = block_forward(self.weights(resid, x0), h[None], ctx)  # n = 1
-        if cache is not None:
-            cache.write(layer, ctx.position, out.k, out.v)
-        return out.out[0]
+        return run_block(self.weights(resid, x0), self.layer, h, ctx, cache)
 
 
 @dataclass(frozen=True)
@@ -154,6 +150,7 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(self.rotary_len, cfg.head_dim)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        self.prepared = Prepared()  # stacked weights and window bounds, reused while the weights stay the same
         self.init_weights()
 
     @torch.no_grad()
@@ -220,6 +217,7 @@ class GPT(nn.Module):
         """Token embedding, norm, smear (the previous token's normed embedding, gated), value embeddings, x0.
         `previous` is the normed embedding of the token before idx[:, 0] when decoding, else None."""
         self.check_tokens(idx, position)
+        self.prepared.refresh(self._parameter_list())
         cfg = self.config
         B, T = idx.shape
         x = norm(self.transformer.wte(idx))  # (B, T, D)
@@ -241,28 +239,39 @@ class GPT(nn.Module):
 
     # -- the blocks: h_l = f_l(h_{l-1}) ---------------------------------------------------------------------------
 
+    def _parameter_list(self) -> tuple[torch.Tensor, ...]:
+        """The parameters, listed once: walking the module tree at every decoding step costs more than a layer."""
+        if getattr(self, "_parameters_listed", None) is None:
+            self._parameters_listed = tuple(self.parameters())
+        return self._parameters_listed
+
     def lambdas(self, layers: slice) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The blend's resid and x0 lambdas of the layers of the slice, (None, None) with no_x0_resid."""
         if self.config.no_x0_resid:
             return None, None
         return self.resid_lambdas[layers], self.x0_lambdas[layers]
 
-    def block(self, i: int, h: torch.Tensor, emb: Embedded, cache: KVCache | None = None) -> torch.Tensor:
-        """f_{i+1}(h): block i on the state h (B, T, D), or (B, S, T, D) with mHC; `cache` as in `trace`."""
-        return self.transformer.h[i](h, emb.context(), *self.lambdas(slice(i, i + 1)), cache)
+    def block(self, i: int, h: torch.Tensor, emb: Embedded, cache: KVCache | None = None,
+              ctx: Context | None = None) -> torch.Tensor:
+        """f_{i+1}(h): block i on the state h (B, T, D), or (B, S, T, D) with mHC; `cache` as in `trace`; `ctx`:
+        `emb.context()` when the caller has it already. The same maths as the module's forward, with prepared
+        weights."""
+        return run_block(self.block_weights(slice(i, i + 1)), i, h, emb.context() if ctx is None else ctx, cache)
 
     def trace(self, emb: Embedded, stop: int | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
         """The sequential trace h_0 .. h_stop (default: every layer), one block after another. With a KV cache of
         the blocks (decoding), each block attends to its cached keys and values and stores these tokens' own."""
-        trace = [emb.x0]
+        ctx, trace = emb.context(), [emb.x0]
         for i in range(self.config.n_layer if stop is None else stop):
-            trace.append(self.block(i, trace[-1], emb, cache))
+            trace.append(self.block(i, trace[-1], emb, cache, ctx))
         return trace
 
     def block_weights(self, layers: slice) -> BlockWeights:
-        """The blocks of the slice as stacked weights (views when it holds one block; differentiable)."""
-        return cat_weights([self.transformer.h[i].weights(*self.lambdas(slice(i, i + 1)))
-                            for i in range(*layers.indices(self.config.n_layer))])
+        """The blocks of the slice as stacked weights (views when it holds one block; differentiable with grad
+        enabled, else prepared once: see prepared.py)."""
+        first, stop, _ = layers.indices(self.config.n_layer)
+        return self.prepared.get(("blocks", first, stop), lambda: cat_weights(
+            [self.transformer.h[i].weights(*self.lambdas(slice(i, i + 1))) for i in range(first, stop)]))
 
     # -- the head side: h_L -> logits -------------------------------------------------------------------------------
 
@@ -283,7 +292,8 @@ class GPT(nn.Module):
 
     def tail_weights(self, start: int, fuse: int = 1) -> BlockWeights:
         """The blocks from `start` on, stacked, and fused `fuse` at a time."""
-        return fuse_weights(self.block_weights(slice(start, None)), fuse)
+        return self.prepared.get(("tail", start, fuse),
+                                 lambda: fuse_weights(self.block_weights(slice(start, None)), fuse))
 
     def layer_system(self, emb: Embedded, start: int = 0, fuse: int = 1, weights: BlockWeights | None = None,
                      past: KVCache | None = None) -> BlockSystem:

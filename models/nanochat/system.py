@@ -11,6 +11,7 @@ and hyper-connections, so a solve run to K = n iterations reproduces the sequent
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import layersolve as ls
 
@@ -37,6 +38,12 @@ class BlockSystem(ls.LayerSystem):
 
     def _run(self, units: slice, inputs: torch.Tensor, want_mixing: bool = False) -> BlockOutput:
         return block_forward(self.weights[units], inputs, self.ctx.select(units, self.cache), want_mixing)
+
+    def jvp(self, layers: slice, inputs: torch.Tensor, tangents: torch.Tensor):
+        # Forward-mode AD (exact and diagonal strategies): the fused attention kernels have no forward derivative,
+        # the unfused SDPA maths has.
+        with sdpa_kernel(SDPBackend.MATH):
+            return super().jvp(layers, inputs, tangents)
 
     def _outputs(self, units: slice, inputs: torch.Tensor) -> torch.Tensor:
         return self._run(units, inputs).out

@@ -1,0 +1,60 @@
+"""The prepared store of a model: stacked weights built once for inference, never stale, never in training's way."""
+
+import copy
+
+import torch
+
+import layersolve as ls
+from helpers import random_model, tiny_config, tokens
+from models import snlp
+
+PLAN = snlp.Plan(n_par=4, jacobian=ls.Identity(), iters=2, fuse=2)
+
+
+def test_inference_reuses_the_tail_weights():
+    model = random_model(tiny_config(), seed=1)
+    idx = tokens(2, 16, seed=1)
+    with torch.no_grad():
+        snlp.forward(model, idx, PLAN)
+        first = model.tail_weights(2, 2)
+        snlp.forward(model, idx, PLAN)
+        assert model.tail_weights(2, 2) is first
+
+
+def test_a_weight_update_invalidates_what_was_prepared():
+    """An in-place update (an optimizer step, load_state_dict) leaves the parameters where they are: only their
+    version counters move, and the next forward must see the new weights."""
+    model = random_model(tiny_config(), seed=2)
+    twin = copy.deepcopy(model)
+    idx = tokens(2, 16, seed=2)
+    with torch.no_grad():
+        snlp.forward(model, idx, PLAN)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.mul_(1.1), q.mul_(1.1)
+        torch.testing.assert_close(snlp.forward(model, idx, PLAN).logits, snlp.forward(twin, idx, PLAN).logits,
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(model(idx), twin(idx), rtol=1e-12, atol=1e-12)
+
+
+def test_moving_the_model_invalidates_what_was_prepared():
+    model = random_model(tiny_config(), seed=3)
+    idx = tokens(1, 16, seed=3)
+    with torch.no_grad():
+        snlp.forward(model, idx, PLAN)
+        model.float()
+        out = snlp.forward(model, idx, PLAN).logits
+    assert out.dtype == torch.float32 and model.tail_weights(2, 2).attn.c_q.dtype == torch.float32
+
+
+def test_training_builds_fresh_weights_that_carry_the_gradient():
+    model = random_model(tiny_config(), seed=4).requires_grad_(True)
+    idx = tokens(2, 16, seed=4)
+    with torch.inference_mode():
+        snlp.forward(model, idx, PLAN)  # prepared in inference mode: must not leak into autograd
+    stored = len(model.prepared)
+    loss = snlp.forward(model, idx, PLAN).logits.square().mean()
+    loss.backward()
+    assert len(model.prepared) == stored  # nothing stored with grad enabled
+    assert model.transformer.h[5].attn.c_q.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        snlp.forward(model, idx, PLAN)  # after the inference-mode entries, no_grad builds its own
