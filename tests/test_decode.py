@@ -90,6 +90,45 @@ def test_a_later_step_sees_the_earlier_tokens_final_iterate(fuse):
     assert (later - snlp.forward(model, ids, plan).logits[:, 26:]).abs().max() > 1e-3  # not the plain forward
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_warm_decoding_at_k_equals_n_par_is_sequential_decoding(name):
+    model = random_model(tiny_config(**CONFIGS[name]), seed=11)
+    prompt = tokens(2, 24, seed=11)
+    jacobian = ls.Mixing() if model.config.use_mhc else ls.Identity()
+    plan = snlp.Plan(n_par=4, iters=4, jacobian=jacobian, init="warm")
+    assert torch.equal(generate(model, prompt, 16, plan=plan), generate(model, prompt, 16))
+
+
+def test_warm_steps_start_from_the_previous_tokens_trace():
+    """A warm step is the solve from the previous step's final trace at its last token: at K = 1 its logits are
+    those of a step given that guess, and differ from repeat's."""
+    model = random_model(tiny_config(sequence_len=64), seed=12)
+    ids = tokens(2, 21, seed=12)
+    warm, plain = Decoder(model, snlp.Plan(n_par=4, iters=1, init="warm")), Decoder(model, snlp.Plan(n_par=4, iters=1))
+    torch.testing.assert_close(warm.step(ids[:, :20]), plain.step(ids[:, :20]), rtol=0, atol=0)  # prompt: repeat
+    given = Decoder(model, snlp.Plan(n_par=4, iters=1))
+    given.step(ids[:, :20])
+    given.plan = dataclasses.replace(given.plan, init=ls.Given(warm.last_trace))  # (n_par + 1, B, 1, D)
+    logits = warm.step(ids[:, 20:])
+    torch.testing.assert_close(logits, given.step(ids[:, 20:]), rtol=1e-12, atol=1e-12)
+    assert (logits - plain.step(ids[:, 20:])).abs().max() > 1e-6  # the guess matters at K = 1
+
+
+def test_the_warm_guess_is_the_last_tokens_trace():
+    model = random_model(tiny_config(sequence_len=64), seed=14)
+    prompt = tokens(2, 12, seed=14)
+    decoder = Decoder(model, snlp.Plan(n_par=4, iters=4, init="warm"))  # K = n_par: the final trace is exact
+    decoder.step(prompt)
+    exact = torch.stack(model.trace(model.embed(prompt))[2:])  # h_2 .. h_6, (5, B, T, D)
+    torch.testing.assert_close(decoder.last_trace, exact[:, :, -1:], rtol=1e-12, atol=1e-12)
+
+
+def test_warm_is_for_decoding():
+    model = random_model(tiny_config(), seed=13)
+    with pytest.raises(ValueError, match="init='warm'.*decoding"):
+        snlp.forward(model, tokens(1, 8, seed=13), snlp.Plan(n_par=2, init="warm"))
+
+
 def test_sampling_is_seeded():
     model = random_model(tiny_config(sequence_len=64), seed=4)
     prompt = tokens(1, 5, seed=4)

@@ -6,6 +6,10 @@ each step solves the tail with K Newton iterations over the tail's units, each a
 unit's keys and values for the new tokens are computed from that unit's input in the final iterate, so later tokens
 see a cache consistent with the trace that produced the output. With K = n_par the tokens are exactly those of
 sequential decoding.
+
+With `init="warm"` a step's solve starts from the previous step's final trace at its last token, repeated over the
+new tokens (the prompt step, which has no previous trace, starts from repeat): consecutive tokens' states are close,
+so the guess is better than repeating h_start.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import layersolve as ls
 
 from ..nanochat.block import KVCache
 from ..nanochat.gpt import GPT
-from .snlp import Plan, prepare
+from .snlp import WARM, Plan, prepare
 
 
 class Decoder:
@@ -33,6 +37,7 @@ class Decoder:
         self.prefix = KVCache(L if plan is None else L - plan.n_par, self.capacity)  # one unit per block
         self.tail = None if plan is None else KVCache(plan.n_par // plan.fuse, self.capacity)  # one unit per chunk
         self.stats: list[ls.Stats] = []
+        self.last_trace = None  # with init="warm": the previous step's final tail trace at its last token
 
     @torch.no_grad()
     def step(self, idx: torch.Tensor) -> torch.Tensor:
@@ -46,13 +51,23 @@ class Decoder:
             logits = model.head(trace[-1], trace[model.backout_layer])
         else:
             tail = prepare(model, emb, self.plan, self.prefix, self.tail)
-            sol = tail.solve()
+            sol = tail.solve(init=self._warm_guess(idx.shape[1]))
             self.stats.append(sol.stats)
             tail.system.store_kv(sol.trace)
+            if self.plan.init == WARM:
+                self.last_trace = sol.trace[..., -1:, :]  # (C+1, *state) at the last token: T is dim -2
             logits = tail.logits(model, sol.trace)
         self.position += idx.shape[1]
         self.previous = emb.last_embedding
         return logits
+
+    def _warm_guess(self, tokens: int):
+        """The warm initial guess for `tokens` new tokens, or None for the plan's own guess."""
+        if self.plan.init != WARM:
+            return None
+        if self.last_trace is None:
+            return ls.Repeat()
+        return ls.Given(self.last_trace.expand(*self.last_trace.shape[:-2], tokens, self.last_trace.shape[-1]))
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -18,13 +18,15 @@ from ..nanochat.gpt import GPT, Embedded
 from ..nanochat.system import BlockSystem
 
 INITS = {"repeat": ls.Repeat(), "one_step": ls.OneStep()}
+WARM = "warm"  # decoding only: the previous token's final trace (the published code's default for generation)
 
 
 @dataclass(frozen=True)
 class Plan:
     """n_par: parallel tail length. jacobian: the surrogate. iters / tol: Newton iterations, or a tolerance on the
-    relative residual. init: "repeat" (SNLP h0), "one_step" (batch_fwd), ls.Given(trace) (warm), or an
-    ls.Learned predictor (preheat, see `fit_preheat`). damping: d in [0, 1]. fuse: M blocks per fused chunk
+    relative residual. init: "repeat" (SNLP h0), "one_step" (batch_fwd), ls.Given(trace), an ls.Learned predictor
+    (preheat, see `fit_preheat`), or for decoding "warm" (each step starts from the previous token's final trace;
+    the prompt step from repeat). damping: d in [0, 1]. fuse: M blocks per fused chunk
     (C = n_par / M chunks). on_divergence: "stop" or "sequential"."""
 
     n_par: int
@@ -44,10 +46,14 @@ class Plan:
             raise ValueError(f"Plan.fuse={self.fuse!r} must be a positive int that divides n_par={self.n_par}")
         if self.fuse > 1 and model.config.use_mhc:
             raise ValueError("Plan.fuse > 1 is not defined for mHC models (hyper-connections do not fuse)")
-        if isinstance(self.init, str) and self.init not in INITS:
-            raise ValueError(f"Plan.init must be one of {sorted(INITS)} or a layersolve guess, got {self.init!r}")
+        if isinstance(self.init, str) and self.init not in (*INITS, WARM):
+            raise ValueError(f"Plan.init must be one of {sorted([*INITS, WARM])} or a layersolve guess, got "
+                             f"{self.init!r}")
 
     def guess(self):
+        if self.init == WARM:
+            raise ValueError("Plan.init='warm' starts each decoding step from the previous token's trace: it is for "
+                             "decoding (Decoder, generate), and a forward has no previous token")
         return INITS[self.init] if isinstance(self.init, str) else self.init
 
     def solver(self) -> ls.Newton:
@@ -63,11 +69,12 @@ class Tail:
     prefix: list[torch.Tensor]
     system: BlockSystem
 
-    def solve(self, reference: torch.Tensor | None = None, throw: bool = True) -> ls.Solution:
-        """The plan's solve of the tail from the prefix's last state."""
+    def solve(self, reference: torch.Tensor | None = None, throw: bool = True, init=None) -> ls.Solution:
+        """The plan's solve of the tail from the prefix's last state; `init` replaces the plan's initial guess."""
         plan = self.plan
         return ls.solve(self.system, self.prefix[-1], plan.solver(), iters=plan.iters, tol=plan.tol,
-                        init=plan.guess(), reference=reference, on_divergence=plan.on_divergence, throw=throw)
+                        init=plan.guess() if init is None else init, reference=reference,
+                        on_divergence=plan.on_divergence, throw=throw)
 
     def logits(self, model: GPT, trace: torch.Tensor) -> torch.Tensor:
         """Logits from the tail's trace (C+1, *state): the last state, and the backout state, the output of block
