@@ -58,3 +58,15 @@ def test_training_builds_fresh_weights_that_carry_the_gradient():
     assert model.transformer.h[5].attn.c_q.weight.grad.abs().sum() > 0
     with torch.no_grad():
         snlp.forward(model, idx, PLAN)  # after the inference-mode entries, no_grad builds its own
+
+
+def test_prepared_and_fresh_weights_compute_the_same_function():
+    """Inference projects q, k, v with one matmul of the prepared concatenation; training with three."""
+    model = random_model(tiny_config(), seed=5).requires_grad_(True)
+    idx = tokens(2, 16, seed=5)
+    fresh = snlp.forward(model, idx, PLAN).logits, model(idx)
+    with torch.no_grad():
+        prepared = snlp.forward(model, idx, PLAN).logits, model(idx)
+    assert model.tail_weights(2, 2).attn.c_qkv is not None
+    for a, b in zip(fresh, prepared):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-12)

@@ -196,7 +196,7 @@ class TestBadPlans:
 
     def test_unknown_init_and_mixing_without_mhc(self):
         with pytest.raises(ValueError, match="Plan.init must be one of"):
-            snlp.forward(self.model, self.idx, snlp.Plan(n_par=2, init="warm"))
+            snlp.forward(self.model, self.idx, snlp.Plan(n_par=2, init="hot"))
         with pytest.raises(ValueError, match="needs a system that provides mixing"):
             snlp.forward(self.model, self.idx, snlp.Plan(n_par=2, jacobian=ls.Mixing()))
 

@@ -78,6 +78,7 @@ class AttentionWeights:
     ve_gate: Tensor | None
     windows: Tensor
     head_dim: int
+    c_qkv: Tensor | None = None  # prepared weights only: c_q, c_k, c_v concatenated (n, (H+2KV)*hd, D), one matmul
 
     @functools.cached_property
     def min_window(self) -> int:
@@ -117,6 +118,13 @@ class BlockWeights:
     def __getitem__(self, layers: slice) -> "BlockWeights":
         """The weights of a sub-range of the stacked layers (views)."""
         return _combine([self], lambda ts: ts[0][layers])
+
+
+def with_fused_qkv(w: BlockWeights) -> BlockWeights:
+    """The weights with c_q, c_k, c_v also concatenated into c_qkv, so that one matmul projects all three: for
+    prepared (inference) weights, where the copy is made once."""
+    a = w.attn
+    return replace(w, attn=replace(a, c_qkv=torch.cat([a.c_q, a.c_k, a.c_v], dim=1)))
 
 
 def cat_weights(parts: list):
@@ -215,15 +223,19 @@ def project_qkv(w: AttentionWeights, x: Tensor, ctx: Context) -> tuple[Tensor, T
     gated in, rotary, QK norm."""
     n, B, T, D = x.shape
     hd = w.head_dim
-    q = linear(x, w.c_q).view(n, B, T, -1, hd)
-    k = linear(x, w.c_k).view(n, B, T, -1, hd)
-    v = linear(x, w.c_v).view(n, B, T, -1, hd)
+    H, KV = w.c_q.shape[1] // hd, w.c_k.shape[1] // hd
+    # q and k heads side by side (n, B, T, H + KV, hd): rotary and QK norm act per head, so one call does both
+    if w.c_qkv is not None:
+        qkv = linear(x, w.c_qkv).view(n, B, T, H + 2 * KV, hd)
+        qk, v = qkv[:, :, :, :H + KV], qkv[:, :, :, H + KV:]
+    else:
+        qk = torch.cat([linear(x, w.c_q).view(n, B, T, H, hd), linear(x, w.c_k).view(n, B, T, KV, hd)], dim=3)
+        v = linear(x, w.c_v).view(n, B, T, KV, hd)
     if ctx.ve is not None and w.ve_gate is not None:  # value residual with an input-dependent gate per kv head
         gate = 3 * torch.sigmoid(linear(x[..., :VE_GATE_CHANNELS], w.ve_gate))  # (n, B, T, KV), in (0, 3)
-        v = v + gate.unsqueeze(-1) * ctx.ve.view(n, B, T, -1, hd)
-    q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-    q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-    return tuple(t.transpose(2, 3) for t in (q, k, v))
+        v = v + gate.unsqueeze(-1) * ctx.ve.view(n, B, T, KV, hd)
+    qk = norm(apply_rotary(qk, ctx.cos, ctx.sin)) * QK_SCALE
+    return qk[:, :, :, :H].transpose(2, 3), qk[:, :, :, H:].transpose(2, 3), v.transpose(2, 3)
 
 
 def attention(w: AttentionWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import (VE_GATE_CHANNELS, AttentionWeights, BlockWeights, Context, KVCache, MLPWeights, at_least_float32,
-                    attention, cat_weights, mlp, norm, rotary_tables, run_block)
+                    attention, cat_weights, mlp, norm, rotary_tables, run_block,
+                    with_fused_qkv)
 from .config import GPTConfig, has_ve, window_sizes
 from .fusion import fuse_value_embeddings, fuse_weights
 from .mhc import HyperConnection
@@ -270,8 +271,10 @@ class GPT(nn.Module):
         """The blocks of the slice as stacked weights (views when it holds one block; differentiable with grad
         enabled, else prepared once: see prepared.py)."""
         first, stop, _ = layers.indices(self.config.n_layer)
-        return self.prepared.get(("blocks", first, stop), lambda: cat_weights(
-            [self.transformer.h[i].weights(*self.lambdas(slice(i, i + 1))) for i in range(first, stop)]))
+        return self.prepared.get(("blocks", first, stop), lambda: self._prepare(self._stacked(first, stop)))
+
+    def _stacked(self, first: int, stop: int) -> BlockWeights:
+        return cat_weights([self.transformer.h[i].weights(*self.lambdas(slice(i, i + 1))) for i in range(first, stop)])
 
     # -- the head side: h_L -> logits -------------------------------------------------------------------------------
 
@@ -293,7 +296,13 @@ class GPT(nn.Module):
     def tail_weights(self, start: int, fuse: int = 1) -> BlockWeights:
         """The blocks from `start` on, stacked, and fused `fuse` at a time."""
         return self.prepared.get(("tail", start, fuse),
-                                 lambda: fuse_weights(self.block_weights(slice(start, None)), fuse))
+                                 lambda: self._prepare(fuse_weights(self._stacked(start, self.config.n_layer), fuse)))
+
+    @staticmethod
+    def _prepare(w: BlockWeights) -> BlockWeights:
+        """Weights to be stored for inference get their one-matmul QKV; with grad enabled (nothing is stored) the
+        concatenation would copy the weights at every forward, so training projects q, k, v separately."""
+        return w if torch.is_grad_enabled() else with_fused_qkv(w)
 
     def layer_system(self, emb: Embedded, start: int = 0, fuse: int = 1, weights: BlockWeights | None = None,
                      past: KVCache | None = None) -> BlockSystem:
