@@ -67,6 +67,6 @@ def test_prepared_and_fresh_weights_compute_the_same_function():
     fresh = snlp.forward(model, idx, PLAN).logits, model(idx)
     with torch.no_grad():
         prepared = snlp.forward(model, idx, PLAN).logits, model(idx)
-    assert model.tail_weights(2, 2).attn.c_qkv is not None
+        assert model.tail_weights(2, 2).attn.c_qkv is not None
     for a, b in zip(fresh, prepared):
         torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-12)
