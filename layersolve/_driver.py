@@ -181,7 +181,9 @@ def _parallel(system, layers, start, solver, iters, tol, init, reference, on_div
         if k == iters:
             break
         surrogate = solver.jacobian.linearize(Step(system, layers, trace[:-1], outputs, work, generator))
-        delta = surrogate.scaled(1.0 - solver.damping).solve(minus_residual, solver.recurrence)
+        if solver.damping:  # undamped, each map keeps its own fastest solve (IDN: a cumsum)
+            surrogate = surrogate.scaled(1.0 - solver.damping)
+        delta = surrogate.solve(minus_residual, solver.recurrence)
         step_norms = _norms(delta)
         trace = torch.cat([trace[:1], trace[1:] + delta])
 
