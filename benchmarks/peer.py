@@ -117,15 +117,17 @@ def decode_cases(ours, peer, peer_idn, layers: int, new_tokens: int) -> dict[str
     prompt = [1, 2, 3, 4, 5, 6, 7, 8]
     idx = torch.tensor([prompt])
     pw = peer_idn.PrecomputedWeights(peer, list(range(layers - n, layers)))
-    plan = lambda k: snlp.Plan(n_par=n, jacobian=ls.Identity(), iters=k)  # noqa: E731
-    return {
-        "decode sequential": (lambda: generate(ours, idx, new_tokens),
-                              lambda: peer_idn.ar_generate_sequential(peer, prompt, new_tokens)),
-        f"decode IDN n{n} K1": (lambda: generate(ours, idx, new_tokens, plan=plan(1)),
-                                lambda: peer_idn.ar_generate_idn_batched(peer, prompt, pw, layers - n, new_tokens, K=1)),
-        f"decode IDN n{n} K2": (lambda: generate(ours, idx, new_tokens, plan=plan(2)),
-                                lambda: peer_idn.ar_generate_idn_batched(peer, prompt, pw, layers - n, new_tokens, K=2)),
-    }
+    cases = {"decode sequential": (lambda: generate(ours, idx, new_tokens),
+                                   lambda: peer_idn.ar_generate_sequential(peer, prompt, new_tokens))}
+    # The same initial guess in both codes: repeat (the peer's "h0") and warm (the peer's default for generation).
+    for k in (1, 2):
+        for ours_init, peer_init in (("repeat", "h0"), ("warm", "warm")):
+            plan = snlp.Plan(n_par=n, jacobian=ls.Identity(), iters=k, init=ours_init)
+            cases[f"decode IDN n{n} K{k} {ours_init}"] = (
+                lambda plan=plan: generate(ours, idx, new_tokens, plan=plan),
+                lambda k=k, init=peer_init: peer_idn.ar_generate_idn_batched(peer, prompt, pw, layers - n, new_tokens,
+                                                                             K=k, init=init))
+    return cases
 
 
 def main(argv=None) -> None:
