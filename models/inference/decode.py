@@ -37,6 +37,7 @@ class Decoder:
         self.prefix = KVCache(L if plan is None else L - plan.n_par, self.capacity)  # one unit per block
         self.tail = None if plan is None else KVCache(plan.n_par // plan.fuse, self.capacity)  # one unit per chunk
         self.stats: list[ls.Stats] = []
+        self.results: list[ls.Result] = []  # how each step's solve ended
         self.last_trace = None  # with init="warm": the previous step's final tail trace at its last token
 
     @torch.no_grad()
@@ -53,6 +54,7 @@ class Decoder:
             tail = prepare(model, emb, self.plan, self.prefix, self.tail)
             sol = tail.solve(init=self._warm_guess(idx.shape[1]))
             self.stats.append(sol.stats)
+            self.results.append(sol.result)
             tail.system.store_kv(sol.trace)
             if self.plan.init == WARM:
                 self.last_trace = sol.trace[..., -1:, :]  # (C+1, *state) at the last token: T is dim -2
@@ -60,6 +62,23 @@ class Decoder:
         self.position += idx.shape[1]
         self.previous = emb.last_embedding
         return logits
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new: int, temperature: float = 0.0, top_k: int | None = None,
+                 seed: int = 0) -> torch.Tensor:
+        """New tokens (B, max_new) after prompt (B, T), the first thing fed to this decoder."""
+        if max_new < 0:
+            raise ValueError(f"max_new must be >= 0, got {max_new}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.model.check_tokens(prompt)
+        generator = torch.Generator(device=prompt.device).manual_seed(seed)
+        logits = self.step(prompt)[:, -1]
+        out = []
+        for _ in range(max_new):
+            out.append(sample(logits, temperature, top_k, generator))
+            logits = self.step(out[-1][:, None])[:, -1]
+        return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
 
     def _warm_guess(self, tokens: int):
         """The warm initial guess for `tokens` new tokens, or None for the plan's own guess."""
@@ -81,20 +100,9 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generato
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-@torch.no_grad()
 def generate(model: GPT, prompt: torch.Tensor, max_new: int, plan: Plan | None = None, temperature: float = 0.0,
              top_k: int | None = None, seed: int = 0) -> torch.Tensor:
     """New tokens (B, max_new) after prompt (B, T), with KV caches; sequential (plan=None) or SNLP."""
-    if max_new < 0:
-        raise ValueError(f"max_new must be >= 0, got {max_new}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     model.check_tokens(prompt)
-    decoder = Decoder(model, plan, capacity=prompt.shape[1] + max_new)
-    generator = torch.Generator(device=prompt.device).manual_seed(seed)
-    logits = decoder.step(prompt)[:, -1]
-    out = []
-    for _ in range(max_new):
-        out.append(sample(logits, temperature, top_k, generator))
-        logits = decoder.step(out[-1][:, None])[:, -1]
-    return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
+    return Decoder(model, plan, capacity=prompt.shape[1] + max(max_new, 0)).generate(prompt, max_new, temperature,
+                                                                                      top_k, seed)
