@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import layersolve as ls  # noqa: E402
 from models import nanochat, snlp  # noqa: E402
 from models.inference.decode import generate  # noqa: E402
-from models.tools.bench import environment  # noqa: E402
+from models.tools.bench import environment, timer  # noqa: E402
 
 SHAPES = [(12, 128, 256), (24, 256, 512)]  # (layers, width, tokens)
 
@@ -64,26 +63,17 @@ def twin_models(peer_gpt, layers: int, width: int, tokens: int):
     return ours, peer.eval()
 
 
-def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def side_by_side(cases: dict[str, tuple], repeats: int) -> dict[str, dict]:
     """cases: name -> (ours, peer) callables. Interleaved: repeat r runs every case of both codes once."""
-    for ours, peer in cases.values():
-        timed(ours, 0, warmup=2), timed(peer, 0, warmup=2)
+    timed = timer(torch.device("cpu"))
+    for ours, peer in cases.values():  # warm-up
+        for _ in range(2):
+            ours(), peer()
     times = {name: ([], []) for name in cases}
     for _ in range(repeats):
         for name, (ours, peer) in cases.items():
-            times[name][0].extend(timed(ours, 1, warmup=0))
-            times[name][1].extend(timed(peer, 1, warmup=0))
+            times[name][0].append(timed(ours))
+            times[name][1].append(timed(peer))
     rows = {}
     for name, (a, b) in times.items():
         rows[name] = {"ours_ms": 1e3 * statistics.median(a), "peer_ms": 1e3 * statistics.median(b),

@@ -57,60 +57,6 @@ def test_there_are_no_stub_commands(capsys):
     assert info.value.code == 2 and "invalid choice: 'study'" in capsys.readouterr().err
 
 
-def test_bench_writes_a_table_and_json(tmp_path, capsys):
-    assert cli.main(["bench", "--out", str(tmp_path), "--depth", "4", "--width", "64", "--tokens", "32",
-                     "--repeats", "1"]) == 0
-    results = json.loads((tmp_path / "bench.json").read_text())
-    assert {"device", "torch", "warmup", "repeats", "shape", "rows"} <= set(results)
-    names = [r["case"] for r in results["rows"]]
-    assert names == ["sequential"] + [plan_name(p) for p in bench.default_plans(4)]
-    assert results["rows"][0]["speedup"] == 1.0 and "result" not in results["rows"][0]
-    assert all(r["median_s"] > 0 for r in results["rows"])
-    assert all(ls.Result[r["result"]].ok for r in results["rows"][1:])
-    out = capsys.readouterr().out
-    assert "speedup" in out and "IDN n4 K1 repeat" in out and bench.FAILED_MARK + ":" not in out
-
-
-@pytest.mark.parametrize("n_layer", [2, 3, 4, 6, 8])
-def test_bench_default_plans_fit_the_model(n_layer):
-    plans = bench.default_plans(n_layer)
-    assert len({plan_name(p) for p in plans}) == len(plans)
-    for plan in plans:
-        assert 1 <= plan.n_par <= n_layer and plan.n_par % plan.fuse == 0
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    model = nanochat.GPT(nanochat.GPTConfig(sequence_len=32, vocab_size=512, n_layer=4, n_head=1, n_kv_head=1,
-                                            n_embd=64))
-    model.init_weights(seed=0, output_std=0.02)
-    return model.eval()
-
-
-def test_bench_rows_carry_the_solve_result_and_the_table_marks_failures(tiny_model):
-    idx = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
-    plans = {"exact": snlp.Plan(n_par=4, iters=4),
-             "diverges": snlp.Plan(n_par=4, jacobian=ls.Scaled(1e3), iters=3)}  # J~ = 1000 I blows the step up
-    results = bench.run(tiny_model, idx, plans, warmup=0, repeats=1, progress=lambda line: None)
-    rows = {r["case"]: r for r in results["rows"]}
-    assert rows["exact"]["result"] == "CONVERGED" and rows["diverges"]["result"] == "DIVERGED"
-    lines = {line.split()[0]: line for line in bench.table(results).splitlines()[2:]}
-    assert lines["diverges"].endswith(f"{bench.FAILED_MARK} DIVERGED")
-    assert lines["exact"].endswith(" CONVERGED") and bench.FAILED_MARK not in lines["exact"]
-    assert lines["sequential"].endswith(" -")
-    assert lines[bench.FAILED_MARK + ":"].startswith(f"{bench.FAILED_MARK}: the solve did not end ok")
-
-
-def test_bench_refuses_a_plan_named_like_the_reference(tiny_model):
-    with pytest.raises(ValueError, match="'sequential' is the sequential forward's row"):
-        bench.run(tiny_model, torch.zeros(1, 4, dtype=torch.long), {"sequential": snlp.Plan(n_par=2)})
-
-
-def test_bench_refuses_bad_sizes(capsys):
-    assert cli.main(["bench", "--width", "100"]) == 2
-    assert "--width must be a multiple of 64" in capsys.readouterr().err
-
-
 SMALL = ["--steps", "4", "--depth", "4", "--width", "64", "--seq-len", "32", "--vocab-size", "512",
          "--eval-tokens", "1024", "--eval-every", "2"]
 

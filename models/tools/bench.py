@@ -1,8 +1,8 @@
-"""Prefill benchmark: wall time of the sequential forward against SNLP plans on one model (not a test).
+"""Benchmark building blocks (not tests): where a measurement ran, a timer, prefill rows of the sequential forward
+against SNLP plans, the suite's table, and training-step times. The suite itself (presets, decoding, baselines,
+roofline) is suite.py.
 
-Both paths run eagerly with the same kernels (torch SDPA, no compile, no CUDA graphs). On a GPU the timings use
-CUDA events after warm-up; on the CPU, perf_counter. The JSON records the device, versions, shapes, warm-up and
-repeat counts, and the median and spread of every row."""
+On a GPU the timings use CUDA events after warm-up; on the CPU, perf_counter. Medians and spreads over repeats."""
 
 from __future__ import annotations
 
@@ -48,17 +48,8 @@ SEQUENTIAL = "sequential"  # the first row of every run: the model's own forward
 FAILED_MARK = "!"
 
 
-def default_plans(n_layer: int) -> list[snlp.Plan]:
-    """Jacobi and IDN over half the layers, IDN over all of them, and the half tail fused into chunks of two
-    blocks (where they divide it) and into one chunk (CxFM). n_layer >= 2."""
-    half = n_layer // 2
-    fusions = sorted({f for f in (2, half) if f > 1 and half % f == 0})
-    return [snlp.Plan(n_par=half, jacobian=ls.Zero(), iters=1), snlp.Plan(n_par=half, iters=1),
-            snlp.Plan(n_par=half, iters=2), snlp.Plan(n_par=n_layer, iters=1),
-            *(snlp.Plan(n_par=half, fuse=f, iters=1) for f in fusions)]
-
-
-def _timer(device: torch.device):
+def timer(device: torch.device):
+    """A function that runs fn() and returns its wall time in seconds (CUDA events after the work on GPU)."""
     if device.type == "cuda":
         def timed(fn):
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -75,19 +66,19 @@ def _timer(device: torch.device):
     return timed
 
 
-@torch.no_grad()
-def run(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: int = 3, repeats: int = 10,
-        progress=print) -> dict:
-    """Time the sequential forward (the first row, "sequential") and every named plan. Quality columns compare
+@torch.inference_mode()
+def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: int = 2, repeats: int = 5,
+                 progress=print) -> list[dict]:
+    """Time the eager sequential forward (the first row, "sequential") and every named plan. Quality columns compare
     each plan's logits with the sequential forward's; a plan's row carries "result", the name of its solve's
-    `ls.Result` (a solve that does not end ok keeps its row and its timing, but its logits are not the model's)."""
+    `ls.Result` (a solve that does not end ok keeps its row and its timing, but its logits are not the model's),
+    and "plan", the plan object (for the caller's work model; not JSON)."""
     if SEQUENTIAL in plans:
         raise ValueError(f"plans: the name {SEQUENTIAL!r} is the sequential forward's row; name the plan otherwise")
-    timed = _timer(idx.device)
+    timed = timer(idx.device)
     reference = model(idx)
-    cases = {SEQUENTIAL: None, **plans}
     rows = []
-    for i, (name, plan) in enumerate(cases.items(), start=1):
+    for name, plan in {SEQUENTIAL: None, **plans}.items():
         def call():
             if plan is None:
                 return model(idx), None
@@ -98,24 +89,21 @@ def run(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: i
             call()
         times = [timed(call) for _ in range(repeats)]
         logits, result = call()
-        row = {"case": name, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-               "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
-               "max_abs_logit_diff": float((logits - reference).abs().max())}
+        row = {"case": name, "plan": plan, "median_s": statistics.median(times), "min_s": min(times),
+               "max_s": max(times), "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+               "max_abs_logit_diff": float((logits.float() - reference.float()).abs().max())}
+        if idx.device.type == "cuda":
+            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(idx.device)
+            torch.cuda.reset_peak_memory_stats(idx.device)
         if result is not None:
             row["result"] = result.name
         rows.append(row)
-        progress(f"[{i}/{len(cases)}] {name}: {row['median_s'] * 1e3:.1f} ms, solve {_outcome(row)}")
-    base = rows[0]["median_s"]
-    for row in rows:
-        row["speedup"] = base / row["median_s"]
-    return {**environment(idx.device),
-            "shape": {"batch": idx.shape[0], "tokens": idx.shape[1]}, "model_config": model.config.__dict__,
-            "dtype": str(model.dtype), "warmup": warmup, "repeats": repeats,
-            "treatment": "eager for both paths: same kernels, no compile, no CUDA graphs", "rows": rows}
+        progress(f"  {name}: {row['median_s'] * 1e3:.1f} ms, solve {_outcome(row)}")
+    return rows
 
 
 def failed(row: dict) -> bool:
-    """Whether a plan's solve did not end ok (the sequential row has no solve)."""
+    """Whether a plan's solve did not end ok (the sequential rows have no solve)."""
     return "result" in row and not ls.Result[row["result"]].ok
 
 
@@ -125,20 +113,40 @@ def _outcome(row: dict) -> str:
     return f"{FAILED_MARK} {row['result']}" if failed(row) else row["result"]
 
 
+FAILED_NOTE = (f"{FAILED_MARK}: the solve did not end ok (diverged, non-finite, or short of its tolerance): its "
+               "logits are not the model's, so its time is not the model's either")
+
+
 def table(results: dict) -> str:
-    """The rows as text, with how each solve ended; a row whose solve did not end ok is marked, and a note under
-    the table says what the mark means."""
-    lines = [f"prefill, batch {results['shape']['batch']} x {results['shape']['tokens']} tokens on {results['device']} "
-             f"({results['dtype']}, {results['threads']} threads, median of {results['repeats']})",
-             f"{'case':<26} {'median ms':>10} {'spread ms':>12} {'speedup':>8} {'top-1 agr':>10} {'max |dlogit|':>13}"
-             "  solve"]
-    for r in results["rows"]:
-        spread = f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}"
-        lines.append(f"{r['case']:<26} {r['median_s'] * 1e3:>10.1f} {spread:>12} {r['speedup']:>7.2f}x "
-                     f"{r['top1_agreement']:>10.3f} {r['max_abs_logit_diff']:>13.2e}  {_outcome(r)}")
-    if any(failed(r) for r in results["rows"]):
-        lines.append(f"{FAILED_MARK}: the solve did not end ok (diverged, non-finite, or short of its tolerance): its "
-                     "logits are not the model's, so its time is not the model's either")
+    """The suite's rows as text, a prefill and a decode table per shape, with each row's speedup over the baselines
+    it names, its accuracy, its measured time over the roofline bound, and how its solve ended (marked when not
+    ok, with a note under the table)."""
+    lines = [f"{results['device']} ({results['dtype']}, {results['threads']} threads, torch {results['torch']}, "
+             f"median of {results['repeats']}); matmul {results['rates']['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
+             f"{results['rates']['copy_bytes'] / 1e9:.1f} GB/s"]
+    any_failed = False
+    for shape in results["shapes"]:
+        s = shape["shape"]
+        for kind, unit, accuracy in (("prefill", "ms", "top-1 agr"), ("decode", "ms/tok", "tok agr")):
+            rows = shape[kind]
+            baselines = list(rows[0]["speedup"])
+            lines += ["", f"{kind}: L{s['layers']} D{s['width']} T{s['tokens']}",
+                      f"{'case':<34} {unit:>8} {'spread':>15} " + " ".join(f"{'x ' + b:>10}" for b in baselines)
+                      + f" {accuracy:>9} {'max|dlogit|':>11} {'roofline':>8}  solve"]
+            for r in rows:
+                quality = r.get("top1_agreement", r.get("token_agreement"))
+                diff = r.get("max_abs_logit_diff")
+                lines.append(
+                    f"{r['case']:<34} {r['median_s'] * 1e3:>8.2f} {r['min_s'] * 1e3:>7.2f}-{r['max_s'] * 1e3:<7.2f} "
+                    + " ".join(f"{'-':>10}" if r["speedup"][b] is None else f"{r['speedup'][b]:>9.2f}x"
+                               for b in baselines)
+                    + f" {'' if quality is None else f'{quality:.3f}':>9} {'' if diff is None else f'{diff:.1e}':>11}"
+                    f" {r['bound_s'] / r['median_s'] if 'bound_s' in r else float('nan'):>7.0%}  {_outcome(r)}")
+                any_failed |= failed(r)
+    if any_failed:
+        lines.append(FAILED_NOTE)
+    lines.append("x eager / x compiled: speedup over the eager / compiled sequential path; roofline: the row's "
+                 "time bound (FLOPs / matmul rate, bytes / copy rate) over its measured time")
     return "\n".join(lines)
 
 
@@ -159,7 +167,7 @@ def train_step_times(cfg, modes: dict, batch: tuple[torch.Tensor, torch.Tensor],
         model = GPT(mode_cfg.model).to(x.device)
         model.init_weights(seed=0, output_std=0.02)
         objective, opts = StepLoss(model, mode_cfg), optimizers(model, mode_cfg)
-        timed = _timer(x.device)
+        timed = timer(x.device)
 
         def step():
             train_step(objective, opts, mode_cfg, x, y, 0)

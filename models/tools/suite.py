@@ -1,0 +1,257 @@
+"""The benchmark suite of `snlp bench --preset`: prefill and decoding, sequential against SNLP plans, on the shapes
+of a preset, with eager and compiled sequential baselines and a roofline (not a test).
+
+Per shape, a model with trained-like random weights (nanochat GPT without the x0 / resid blend and value
+embeddings, full windows) and, for the HCN row, its mHC twin of the same size. Rows:
+
+    prefill  sequential (eager; compiled: torch.compile, with CUDA graphs on GPU), IDN at n = L/2 and n = L with
+             K = 1, 2, (n/2)xF2 K1 and 1xF(n) K1 at n = L/2, HCN (Mixing) K1 at n = L/2 on the mHC model;
+    decode   per generated token after an 8-token prompt, at each decode batch: sequential, IDN n = L/2 with K = 1
+             and 2 from repeat, and K = 1 warm (the previous token's trace).
+
+Each row has the median and spread over repeats, its speedup over each baseline it names, the solve's result, its
+accuracy against the eager sequential path (prefill: top-1 agreement and max |logit difference|; decode: the
+fraction of generated tokens equal to sequential decoding's), the peak memory on GPU, and a roofline: the row's
+matmul FLOPs over the matmul rate and its bytes over the copy bandwidth, both measured in the same run.
+
+Byte model (stated, rough): each block evaluation reads the block's weights once and passes over its
+(tokens x width) state 16 times (norms, projections' inputs and outputs, residual adds, the correction).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import layersolve as ls
+
+from ..inference import snlp
+from ..inference.decode import Decoder
+from ..nanochat import GPT, GPTConfig
+from .bench import SEQUENTIAL, environment, prefill_rows, timer
+from .names import plan_name
+
+STATE_PASSES = 16  # the byte model's passes over the state per block evaluation
+PROMPT = 8  # decode rows: tokens of the prompt before the timed generation
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    width: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Preset:
+    shapes: tuple[Shape, ...]
+    dtype: torch.dtype
+    head_dim: int
+    decode_batches: tuple[int, ...] = (1,)
+    new_tokens: int = 64
+    repeats: int = 7
+    warmup: int = 2
+    compile: bool = True
+    vocab_size: int = 8192
+
+
+PRESETS = {
+    "cpu": Preset((Shape(12, 128, 256), Shape(24, 256, 512)), torch.float32, head_dim=64, repeats=5),
+    # bf16 weights and activations (no autocast): the dtype the paper's GPU timings use.
+    "gpu-0.5b": Preset((Shape(32, 640, 512), Shape(32, 640, 2048)), torch.bfloat16, head_dim=128,
+                       decode_batches=(1, 8), repeats=10, warmup=3),
+    "tiny": Preset((Shape(4, 64, 32),), torch.float32, head_dim=64, new_tokens=4, repeats=1, warmup=0,
+                   compile=False, vocab_size=512),
+}
+
+
+def model_config(shape: Shape, preset: Preset, mhc: bool = False) -> GPTConfig:
+    heads = shape.width // preset.head_dim
+    return GPTConfig(sequence_len=shape.tokens + PROMPT + preset.new_tokens, vocab_size=preset.vocab_size,
+                     n_layer=shape.layers, n_head=heads, n_kv_head=heads, n_embd=shape.width, window_pattern="L",
+                     no_x0_resid=True, no_ve=True, use_mhc=mhc, mhc_num_streams=4)
+
+
+def prefill_plans(layers: int) -> list[snlp.Plan]:
+    half = layers // 2
+    plans = [snlp.Plan(n_par=n, iters=k) for n in (half, layers) for k in (1, 2)]
+    plans += [snlp.Plan(n_par=half, fuse=f, iters=1) for f in sorted({2, half}) if f > 1 and half % f == 0]
+    return plans
+
+
+def decode_plans(layers: int) -> list[snlp.Plan]:
+    half = layers // 2
+    return [snlp.Plan(n_par=half, iters=1), snlp.Plan(n_par=half, iters=2), snlp.Plan(n_par=half, iters=1, init="warm")]
+
+
+# -- the roofline ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rates:
+    matmul_flops: float  # FLOP/s of a large square matmul in the model dtype
+    copy_bytes: float  # bytes/s of a large copy (read + write)
+
+
+def measure_rates(device: torch.device, dtype: torch.dtype) -> Rates:
+    timed = timer(device)
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    matmul = statistics.median(timed(lambda: a @ b) for _ in range(5))
+    x = torch.empty(2**26 if device.type == "cuda" else 2**24, device=device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    copy = statistics.median(timed(lambda: y.copy_(x)) for _ in range(5))
+    return Rates(2 * n**3 / matmul, 2 * x.numel() * x.element_size() / copy)
+
+
+def block_flops(cfg: GPTConfig, tokens: int, context: float) -> float:
+    """Matmul FLOPs of one block over `tokens` tokens (all batches) whose queries see `context` keys on average."""
+    D, hd = cfg.n_embd, cfg.head_dim
+    projections = 2 * tokens * D * (cfg.n_head + 2 * cfg.n_kv_head) * hd + 2 * tokens * cfg.n_head * hd * D
+    mlp = 2 * 2 * tokens * D * 4 * D
+    attention = 2 * 2 * tokens * cfg.n_head * hd * context
+    return projections + mlp + attention
+
+
+def block_bytes(cfg: GPTConfig, tokens: int, element: int) -> float:
+    D, hd = cfg.n_embd, cfg.head_dim
+    weights = (D * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * D + 8 * D * D) * element
+    return weights + STATE_PASSES * tokens * D * element
+
+
+def evaluations(cfg: GPTConfig, plan: snlp.Plan | None) -> int:
+    """Block evaluations of one forward: L sequentially; with a plan the prefix, then K passes over the n_par
+    tail blocks (one more for the one-step guess)."""
+    if plan is None:
+        return cfg.n_layer
+    return cfg.n_layer - plan.n_par + plan.n_par * (plan.iters + (plan.init == "one_step"))
+
+
+def roofline(cfg: GPTConfig, plan: snlp.Plan | None, tokens: int, context: float, element: int,
+             rates: Rates) -> dict:
+    """The row's work and its time bound: max(FLOPs / matmul rate, bytes / copy bandwidth)."""
+    n = evaluations(cfg, plan)
+    flops = n * block_flops(cfg, tokens, context) + 2 * tokens * cfg.n_embd * cfg.padded_vocab_size
+    nbytes = n * block_bytes(cfg, tokens, element)
+    return {"flops": flops, "bytes": nbytes,
+            "bound_s": max(flops / rates.matmul_flops, nbytes / rates.copy_bytes)}
+
+
+# -- decoding ----------------------------------------------------------------------------------------------------------
+
+def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.Plan], warmup: int, repeats: int,
+                rates: Rates, progress=print) -> list[dict]:
+    """Per-token time of greedy decoding after a prompt, sequential (the first row) and with each plan."""
+    device = model.lm_head.weight.device
+    prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=device,
+                           generator=torch.Generator(device=device).manual_seed(0))
+    timed = timer(device)
+    rows, reference = [], None
+    for name, plan in {SEQUENTIAL: None, **plans}.items():
+        def run():
+            decoder = Decoder(model, plan, capacity=PROMPT + new_tokens)
+            return decoder.generate(prompt, new_tokens), decoder.results
+
+        with torch.inference_mode():
+            for _ in range(warmup):
+                run()
+            times = [timed(run) / new_tokens for _ in range(repeats)]
+            tokens, results = run()
+        reference = tokens if reference is None else reference
+        row = {"case": f"decode b{batch} {name}", "median_s": statistics.median(times), "min_s": min(times),
+               "max_s": max(times), "token_agreement": float((tokens == reference).float().mean()),
+               **_memory(device),
+               **roofline(model.config, plan, batch, PROMPT + new_tokens / 2, model.dtype.itemsize, rates)}
+        if results:
+            row["result"] = ls.Result.worst(results).name
+        rows.append(row)
+        progress(f"  {row['case']}: {row['median_s'] * 1e3:.2f} ms/token")
+    return _speedups(rows, {"eager": rows[0]["median_s"]})
+
+
+def _memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"peak_memory_bytes": None}
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"peak_memory_bytes": peak}
+
+
+def _speedups(rows: list[dict], baselines: dict[str, float | None]) -> list[dict]:
+    """Each row's speedup over each named baseline time (None: no such baseline for these rows)."""
+    for row in rows:
+        row["speedup"] = {name: None if base is None else base / row["median_s"] for name, base in baselines.items()}
+    return rows
+
+
+# -- the suite ---------------------------------------------------------------------------------------------------------
+
+def twin_models(shape: Shape, preset: Preset, device: torch.device) -> tuple[GPT, GPT]:
+    """The plain model and its mHC twin, trained-like random weights, in the preset's dtype."""
+    models = []
+    for mhc in (False, True):
+        model = GPT(model_config(shape, preset, mhc))
+        model.init_weights(seed=0, output_std=0.02)
+        models.append(model.to(device=device, dtype=preset.dtype).eval())
+    return models[0], models[1]
+
+
+def compiled_sequential(model: GPT, idx: torch.Tensor, warmup: int, repeats: int) -> dict:
+    """The compiled sequential forward (CUDA graphs on GPU): its compile time (the first call) and steady time."""
+    mode = "reduce-overhead" if idx.device.type == "cuda" else None
+    fn = torch.compile(model, mode=mode)
+    timed = timer(idx.device)
+    with torch.inference_mode():
+        compile_s = timed(lambda: fn(idx))
+        for _ in range(warmup):
+            fn(idx)
+        times = [timed(lambda: fn(idx)) for _ in range(repeats)]
+    return {"case": f"{SEQUENTIAL} compiled", "median_s": statistics.median(times), "min_s": min(times),
+            "max_s": max(times), "compile_s": compile_s, "mode": mode or "default"}
+
+
+def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, progress=print) -> dict:
+    model, mhc = twin_models(shape, preset, device)
+    idx = torch.randint(0, preset.vocab_size, (1, shape.tokens), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    plans = {plan_name(p): p for p in prefill_plans(shape.layers)}
+    with torch.inference_mode():
+        rows = prefill_rows(model, idx, plans, preset.warmup, preset.repeats, progress)
+        hcn = snlp.Plan(n_par=shape.layers // 2, jacobian=ls.Mixing(), iters=1)
+        mhc_rows = prefill_rows(mhc, idx, {f"mHC {plan_name(hcn)}": hcn}, preset.warmup, preset.repeats, progress)
+    mhc_rows[0]["case"] = f"mHC {SEQUENTIAL}"
+    baselines = {"eager": rows[0]["median_s"]}
+    if preset.compile:
+        compiled = compiled_sequential(model, idx, preset.warmup, preset.repeats)
+        progress(f"  {compiled['case']}: {compiled['median_s'] * 1e3:.1f} ms (compile {compiled['compile_s']:.1f} s)")
+        rows.insert(1, compiled)
+        baselines["compiled"] = compiled["median_s"]
+    # The mHC rows divide by the mHC model's own eager sequential forward; no compiled baseline for it.
+    _speedups(rows, baselines)
+    _speedups(mhc_rows, {"eager": mhc_rows[0]["median_s"], **{b: None for b in baselines if b != "eager"}})
+    context = (shape.tokens + 1) / 2
+    for cfg, group in ((model.config, rows), (mhc.config, mhc_rows)):
+        for row in group:
+            row.update(roofline(cfg, row.pop("plan", None), shape.tokens, context, preset.dtype.itemsize, rates))
+    decode = [decode_rows(model, b, preset.new_tokens, {plan_name(p): p for p in decode_plans(shape.layers)},
+                          preset.warmup, preset.repeats, rates, progress) for b in preset.decode_batches]
+    return {"shape": asdict(shape), "prefill": rows + mhc_rows, "decode": [row for rows_b in decode for row in rows_b]}
+
+
+def run(preset_name: str, device: torch.device, progress=print) -> dict:
+    preset = PRESETS[preset_name]
+    rates = measure_rates(device, preset.dtype)
+    results = {**environment(device), "preset": preset_name, "dtype": str(preset.dtype), "warmup": preset.warmup,
+               "repeats": preset.repeats, "new_tokens": preset.new_tokens, "prompt_tokens": PROMPT,
+               "rates": asdict(rates), "byte_model": f"weights once + {STATE_PASSES} passes over the state per "
+                                                     "block evaluation",
+               "peak_memory": "CUDA max_memory_allocated per row; not measured on the CPU",
+               "decode_compiled": "not measured: compiling the block on the CPU gave no gain at batch 1 (6.7 -> 6.9 "
+                                  "ms/token at L12 D128, 42 s compile); CUDA-graphed decoding is owed",
+               "shapes": []}
+    for shape in preset.shapes:
+        progress(f"L{shape.layers} D{shape.width} T{shape.tokens}")
+        results["shapes"].append(run_shape(shape, preset, device, rates, progress))
+    return results

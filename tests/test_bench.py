@@ -1,0 +1,103 @@
+"""The benchmark suite: rows, baselines, accuracy, the roofline's work model, and the table (no timing asserted)."""
+
+import json
+
+import pytest
+import torch
+
+import layersolve as ls
+from models import nanochat, snlp
+from models.tools import bench, cli, suite
+
+
+def test_the_tiny_preset_writes_json_and_tables(tmp_path, capsys):
+    assert cli.main(["bench", "--preset", "tiny", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert {"device", "torch", "triton", "threads", "preset", "dtype", "repeats", "rates", "shapes"} <= set(results)
+    rates = results["rates"]
+    assert rates["matmul_flops"] > 0 and rates["copy_bytes"] > 0
+    shape = results["shapes"][0]
+    prefill, decode = shape["prefill"], shape["decode"]
+    names = [r["case"] for r in prefill]
+    assert names[0] == "sequential" and "mHC sequential" in names and any(n.startswith("mHC HCN") for n in names)
+    assert any("xF2" in n for n in names) and any(n.startswith("IDN n4 ") for n in names)
+    for row in prefill + decode:
+        assert row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert row["bound_s"] == pytest.approx(max(row["flops"] / rates["matmul_flops"],
+                                                   row["bytes"] / rates["copy_bytes"]))
+        assert "sequential" in row["case"] or ls.Result[row["result"]].ok
+    for row in prefill:
+        assert 0 <= row["top1_agreement"] <= 1 and row["max_abs_logit_diff"] >= 0
+    assert {r["case"] for r in decode} >= {"decode b1 sequential", "decode b1 IDN n2 K1 warm"}
+    assert decode[0]["token_agreement"] == 1.0
+    assert prefill[0]["speedup"] == {"eager": 1.0}
+    mhc = next(r for r in prefill if r["case"] == "mHC sequential")
+    assert mhc["speedup"] == {"eager": 1.0}  # the mHC rows divide by the mHC model's own sequential forward
+    text = capsys.readouterr().out
+    assert "prefill: L4 D64 T32" in text and "decode: L4 D64 T32" in text
+    assert (tmp_path / "bench.md").read_text().startswith("# snlp bench --preset tiny")
+
+
+def test_the_work_model_counts_each_evaluation():
+    """Sequential: L block evaluations; a plan: the prefix, then K passes over the n_par tail (one more for the
+    one-step guess). A block's FLOPs by hand for one tiny config."""
+    cfg = nanochat.GPTConfig(sequence_len=32, vocab_size=64, n_layer=8, n_head=2, n_kv_head=1, n_embd=64)
+    assert suite.evaluations(cfg, None) == 8
+    k1, k2 = (suite.evaluations(cfg, snlp.Plan(n_par=4, iters=k)) for k in (1, 2))
+    assert (k1, k2) == (8, 12)
+    assert suite.evaluations(cfg, snlp.Plan(n_par=4, iters=1, init="one_step")) == 12
+    tokens, context, hd = 10, 5.5, 32
+    by_hand = (2 * tokens * 64 * (2 + 2 * 1) * hd + 2 * tokens * 2 * hd * 64  # q, k, v and the output projection
+               + 2 * 2 * tokens * 64 * 256  # the MLP
+               + 2 * 2 * tokens * 2 * hd * context)  # scores and the weighted values
+    assert suite.block_flops(cfg, tokens, context) == by_hand
+    rates = suite.Rates(matmul_flops=1e9, copy_bytes=1e9)
+    one, two = (suite.roofline(cfg, snlp.Plan(n_par=4, iters=k), tokens, context, 4, rates) for k in (1, 2))
+    head = 2 * tokens * 64 * cfg.padded_vocab_size
+    assert two["flops"] - head == pytest.approx(1.5 * (one["flops"] - head))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = nanochat.GPT(nanochat.GPTConfig(sequence_len=32, vocab_size=512, n_layer=4, n_head=1, n_kv_head=1,
+                                            n_embd=64))
+    model.init_weights(seed=0, output_std=0.02)
+    return model.eval()
+
+
+def test_rows_carry_the_solve_result_and_the_table_marks_failures(tiny_model):
+    idx = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    plans = {"exact": snlp.Plan(n_par=4, iters=4),
+             "diverges": snlp.Plan(n_par=4, jacobian=ls.Scaled(1e3), iters=3)}  # J~ = 1000 I blows the step up
+    rows = bench.prefill_rows(tiny_model, idx, plans, warmup=0, repeats=1, progress=lambda line: None)
+    by_case = {r["case"]: r for r in rows}
+    assert by_case["exact"]["result"] == "CONVERGED" and by_case["diverges"]["result"] == "DIVERGED"
+    assert by_case["exact"]["max_abs_logit_diff"] < 1e-4 and by_case["exact"]["top1_agreement"] == 1.0
+    for row in rows:
+        row.update(speedup={"eager": 1.0}, bound_s=1e-3)
+        row.pop("plan")
+    results = {"device": "cpu", "dtype": "float32", "threads": 1, "torch": "x", "repeats": 1,
+               "rates": {"matmul_flops": 1e9, "copy_bytes": 1e9},
+               "shapes": [{"shape": {"layers": 4, "width": 64, "tokens": 16}, "prefill": rows, "decode": rows}]}
+    lines = {line.split()[0]: line for line in bench.table(results).splitlines() if line.strip()}
+    assert lines["diverges"].endswith(f"{bench.FAILED_MARK} DIVERGED")
+    assert lines["exact"].endswith(" CONVERGED") and bench.FAILED_MARK not in lines["exact"]
+    assert lines["sequential"].endswith(" -")
+    assert lines[bench.FAILED_MARK + ":"].startswith(f"{bench.FAILED_MARK}: the solve did not end ok")
+
+
+def test_a_plan_named_like_the_reference_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="'sequential' is the sequential forward's row"):
+        bench.prefill_rows(tiny_model, torch.zeros(1, 4, dtype=torch.long), {"sequential": snlp.Plan(n_par=2)})
+
+
+@pytest.mark.parametrize("layers", [2, 4, 6, 12, 24, 32])
+def test_the_suite_plans_fit_the_model(layers):
+    for plan in suite.prefill_plans(layers) + suite.decode_plans(layers):
+        assert 1 <= plan.n_par <= layers and plan.n_par % plan.fuse == 0
+
+
+def test_an_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--preset", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
