@@ -217,8 +217,9 @@ class GPT(nn.Module):
     def embed(self, idx: torch.Tensor, position: int = 0, previous: torch.Tensor | None = None) -> Embedded:
         """Token embedding, norm, smear (the previous token's normed embedding, gated), value embeddings, x0.
         `previous` is the normed embedding of the token before idx[:, 0] when decoding, else None."""
-        self.check_tokens(idx, position)
-        self.prepared.refresh(self._parameter_list())
+        if not torch.compiler.is_compiling():  # the checks read values on the host: a graph break under compile
+            self.check_tokens(idx, position)
+            self.prepared.refresh(self._parameter_list())
         cfg = self.config
         B, T = idx.shape
         x = norm(self.transformer.wte(idx))  # (B, T, D)
