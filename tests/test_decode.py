@@ -68,6 +68,27 @@ def test_the_prompt_step_is_the_snlp_forward(name):
     torch.testing.assert_close(logits, snlp.forward(model, prompt, plan).logits, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("plan", [snlp.Plan(n_par=4, iters=1), snlp.Plan(n_par=4, iters=2),
+                                  snlp.Plan(n_par=4, fuse=2, iters=1), snlp.Plan(n_par=4, iters=None, tol=0.4)],
+                         ids=["K1", "K2", "2xF2 K1", "tol"])  # tol 0.4: this model converges there at K = 2
+def test_the_tail_cache_holds_the_final_iterates_keys_and_values(plan):
+    """The tail's evaluations write their keys and values in place, and the decoder keeps those of the units whose
+    inputs were already final at the solve's last evaluation (the first K, or all with a tolerance): whichever it
+    keeps, the cache must equal the keys and values of each unit's input in the final iterate."""
+    from models.nanochat.block import block_kv
+
+    model = random_model(tiny_config(sequence_len=64), seed=3)
+    ids = tokens(2, 12, seed=3)
+    decoder = Decoder(model, plan, capacity=12)
+    decoder.step(ids)
+    tail = snlp.prepare(model, model.embed(ids), plan)
+    trace = tail.solve().trace
+    assert tail.solve().stats.iterations < plan.n_par // plan.fuse  # below K = n_par, where every input is final
+    k, v = block_kv(tail.system.weights, trace[:-1], tail.system.ctx.select(slice(0, trace.shape[0] - 1)))
+    torch.testing.assert_close(decoder.tail.k, k, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(decoder.tail.v, v, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("fuse", [1, 2])
 def test_a_later_step_sees_the_earlier_tokens_final_iterate(fuse):
     """Decoding defines the cache as the keys and values of each unit's input in the final iterate. So at K = 1 a

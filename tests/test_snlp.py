@@ -223,3 +223,22 @@ def test_every_initial_guess_keeps_finite_termination(init):
     torch.testing.assert_close(logits, model(idx), rtol=1e-10, atol=1e-10)
     exact_guess = snlp.forward(model, idx, snlp.Plan(n_par=4, iters=0, init=ls.Given(exact))).logits
     torch.testing.assert_close(exact_guess, model(idx), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fuse", [1, 2])
+def test_evaluating_the_tail_in_groups_changes_nothing(monkeypatch, fuse):
+    """On the CPU a large tail is evaluated a few units at a time (cache blocking); at K < n_par the logits, and the
+    keys and values a decoding step writes, must be those of one batched evaluation."""
+    from models.inference.decode import Decoder
+    from models.nanochat import system
+
+    model = random_model(tiny_config(), seed=5)
+    idx = tokens(2, 20, seed=5)
+    plan = snlp.Plan(n_par=4, fuse=fuse, iters=1)
+    batched, decoder = snlp.forward(model, idx, plan).logits, Decoder(model, plan)
+    decoder.step(idx)
+    monkeypatch.setattr(system, "CPU_GROUP_BYTES", 1)  # one unit per call
+    grouped, grouped_decoder = snlp.forward(model, idx, plan).logits, Decoder(model, plan)
+    grouped_decoder.step(idx)
+    torch.testing.assert_close(grouped, batched, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grouped_decoder.tail.k, decoder.tail.k, rtol=1e-12, atol=1e-12)

@@ -55,7 +55,7 @@ class Decoder:
             sol = tail.solve(init=self._warm_guess(idx.shape[1]))
             self.stats.append(sol.stats)
             self.results.append(sol.result)
-            tail.system.store_kv(sol.trace)
+            tail.system.store_kv(sol.trace, self._final_units(sol))
             if self.plan.init == WARM:
                 self.last_trace = sol.trace[..., -1:, :]  # (C+1, *state) at the last token: T is dim -2
             logits = tail.logits(model, sol.trace)
@@ -79,6 +79,16 @@ class Decoder:
             out.append(sample(logits, temperature, top_k, generator))
             logits = self.step(out[-1][:, None])[:, -1]
         return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
+
+    def _final_units(self, sol: ls.Solution) -> int:
+        """How many leading tail units the solve's last evaluation saw at their final inputs, so that the keys and
+        values it wrote are already the final iterate's: all of them when that evaluation was at the final iterate
+        (a tolerance is checked there; a sequential fallback evaluates its layers at their final inputs), else the
+        first K after K iterations, whose inputs were exact by finite termination (up to rounding)."""
+        units = self.tail.units
+        if self.plan.tol is not None or sol.stats.fallback_layers:
+            return units
+        return min(sol.stats.iterations, units)
 
     def _warm_guess(self, tokens: int):
         """The warm initial guess for `tokens` new tokens, or None for the plan's own guess."""

@@ -151,27 +151,40 @@ def _combine(parts: list, combine):
 class Context:
     """What the n blocks being evaluated share: x0 (B, T, D) or (B, S, T, D) for mHC, their value embeddings
     ve (n, B, T, KV*hd) (or None), rotary tables for the positions of the tokens (Tq, hd/2), the absolute position
-    of the first token, and their cached keys / values of earlier tokens."""
+    of the first token, and, when decoding, the KV cache of the units being evaluated (see `select`)."""
 
     x0: Tensor
     ve: Tensor | None
     cos: Tensor
     sin: Tensor
     position: int = 0
-    past_k: Tensor | None = None  # (n, B, KV, T_past, hd)
-    past_v: Tensor | None = None
+    cache: KVCache | None = None
+    units: slice | None = None  # the evaluated units' indices in `cache`
+    writes: bool = True  # attention writes these tokens' keys and values into the cache (see `select`)
 
-    def select(self, units: slice, cache: KVCache | None = None) -> "Context":
-        """The context of the units (blocks, or fused chunks) of the slice, with their cached keys and values of
-        the tokens before `position` when a cache is given."""
-        past_k, past_v = (None, None) if cache is None else cache.past(units, self.position)
-        return replace(self, ve=None if self.ve is None else self.ve[units], past_k=past_k, past_v=past_v)
+    def select(self, units: slice, cache: KVCache | None = None, writes: bool = True) -> "Context":
+        """The context of the units (blocks, or fused chunks) of the slice, attending to their cached keys and
+        values of the tokens before `position` when a cache is given. With `writes`, attention stores these tokens'
+        keys and values in the cache in place and attends to the cache (no copy of the past); without (functional
+        transforms such as JVPs, which cannot mutate a captured tensor), it attends to a concatenation."""
+        return replace(self, ve=None if self.ve is None else self.ve[units], cache=cache, units=units, writes=writes)
+
+    def keys_values(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values (n, B, KV, T_past + T, hd) that these tokens' queries attend to, given their own k, v
+        (n, B, KV, T, hd)."""
+        if self.cache is None:
+            return k, v
+        if self.writes:
+            return self.cache.extend(self.units, self.position, k, v)
+        past_k, past_v = self.cache.past(self.units, self.position)
+        return (k, v) if past_k is None else (torch.cat([past_k, k], dim=3), torch.cat([past_v, v], dim=3))
 
 
 @dataclass
 class KVCache:
     """Keys and values of `units` units for up to `capacity` tokens: (units, B, KV, capacity, hd) each, allocated
-    on the first write (when the head counts and dtype are known)."""
+    on the first write (when the head counts and dtype are known). Stacked over units, so a batched evaluation of
+    the parallel tail reads and writes every unit's cache with one indexing, in place."""
 
     units: int
     capacity: int
@@ -191,6 +204,11 @@ class KVCache:
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
         self.k[units, :, :, position:position + k.shape[3]] = k
         self.v[units, :, :, position:position + v.shape[3]] = v
+
+    def extend(self, units: slice, position: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """`write`, then the units' keys and values of every token up to these (views of the cache)."""
+        self.write(units, position, k, v)
+        return self.past(units, position + k.shape[3])
 
 
 # -- the block maths --------------------------------------------------------------------------------------------------
@@ -243,8 +261,7 @@ def attention(w: AttentionWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Ten
     sublayer input. Returns (y, k, v), k and v for these tokens only."""
     n, B, T, D = x.shape
     q, k, v = project_qkv(w, x, ctx)
-    keys = k if ctx.past_k is None else torch.cat([ctx.past_k, k], dim=3)
-    values = v if ctx.past_v is None else torch.cat([ctx.past_v, v], dim=3)
+    keys, values = ctx.keys_values(k, v)
     mask = attention_mask(w, ctx.position, T, keys.shape[3], x.device)
     causal = mask is None and T > 1
     if mask is not None:  # (n, 1, H or 1, Tq, Tk) -> (n * B, H or 1, Tq, Tk)
@@ -280,12 +297,7 @@ def run_block(w: BlockWeights, layer: int, h: Tensor, ctx: Context, cache: KVCac
     """One block, of index `layer` in the model, with its weights w (a stack of one) on h (B, T, D), or
     (B, S, T, D) with mHC. ctx covers every layer. With a KV cache (decoding), the block attends to its cached keys
     and values of earlier tokens and stores these tokens' own."""
-    units = slice(layer, layer + 1)
-    ctx = ctx.select(units, cache)
-    out = block_forward(w, h[None], ctx)  # n = 1
-    if cache is not None:
-        cache.write(units, ctx.position, out.k, out.v)
-    return out.out[0]
+    return block_forward(w, h[None], ctx.select(slice(layer, layer + 1), cache)).out[0]  # n = 1
 
 
 def block_kv(w: BlockWeights, h: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:

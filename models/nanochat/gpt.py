@@ -236,7 +236,8 @@ class GPT(nn.Module):
                               for i in range(cfg.n_layer)])  # (L, B, T, KV*hd)
         if cfg.use_mhc:  # the streams start as copies of the embedding
             x = x.unsqueeze(1).expand(B, cfg.mhc_num_streams, T, cfg.n_embd)  # (B, S, T, D)
-        cos, sin = self.cos[position:position + T], self.sin[position:position + T]
+        # the rotary tables are float64; cast once here rather than in every block's apply_rotary
+        cos, sin = self.cos[position:position + T].to(x.dtype), self.sin[position:position + T].to(x.dtype)
         return Embedded(x, ve, cos, sin, position, last)
 
     # -- the blocks: h_l = f_l(h_{l-1}) ---------------------------------------------------------------------------
