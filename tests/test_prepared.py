@@ -1,7 +1,9 @@
 """The prepared store of a model: stacked weights built once for inference, never stale, never in training's way."""
 
 import copy
+import dataclasses
 
+import pytest
 import torch
 
 import layersolve as ls
@@ -70,3 +72,50 @@ def test_prepared_and_fresh_weights_compute_the_same_function():
         assert model.tail_weights(2, 2).attn.c_qkv is not None
     for a, b in zip(fresh, prepared):
         torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-12)
+
+
+def _suite_plans(layers: int) -> list[snlp.Plan]:
+    from models.tools import suite
+
+    return suite.prefill_plans(layers) + suite.decode_plans(layers)
+
+
+@pytest.mark.parametrize("plan", _suite_plans(8), ids=lambda p: f"n{p.n_par} K{p.iters} F{p.fuse} {p.init}")
+def test_every_suite_plan_gives_the_plain_paths_logits_on_the_fast_path(monkeypatch, plan):
+    """The fast path (inference: prepared one-matmul QKV, the tail in CPU cache-sized groups, decoding's in-place
+    caches) against the plain path (grad enabled: fresh weights, three projections, one batched call), in float32
+    at the suite's shapes scaled down: float32 rounding of reordered sums, ~1e-6 relative, bounds the difference."""
+    from models.inference.decode import generate
+    from models.nanochat import system
+
+    model = random_model(tiny_config(n_layer=8, sequence_len=64), seed=6, dtype=torch.float32).requires_grad_(True)
+    idx = tokens(1, 24, seed=6)
+    forward = model if plan.init == "warm" else (lambda ids: snlp.forward(model, ids, plan).logits)  # warm: decoding
+    plain = forward(idx)
+    monkeypatch.setattr(system, "CPU_GROUP_BYTES", 1)  # force the grouped evaluation at this small shape
+    with torch.no_grad():
+        torch.testing.assert_close(forward(idx), plain.detach(), rtol=1e-5, atol=1e-5)
+        if plan.fuse == 1:  # at K = n_par the fast decoding path gives exactly sequential decoding's tokens
+            exact = dataclasses.replace(plan, iters=plan.n_par)
+            assert torch.equal(generate(model, idx[:, :8], 8, plan=exact), generate(model, idx[:, :8], 8))
+
+
+def test_compiled_blocks_give_the_eager_logits():
+    """GPT.compile_blocks routes the sequential forward and the SNLP forward's blocks through torch.compile; the
+    logits stay the eager ones to float32 rounding (inductor reorders reductions)."""
+    model = random_model(tiny_config(n_layer=4), seed=8, dtype=torch.float32)
+    idx = tokens(1, 16, seed=8)
+    plan = snlp.Plan(n_par=2, iters=1)
+    from torch._dynamo.utils import counters
+
+    with torch.no_grad():
+        eager = model(idx), snlp.forward(model, idx, plan).logits
+        model.compile_blocks()
+        counters.clear()
+        compiled = [model(idx)]
+        sequential_graphs = counters["stats"]["unique_graphs"]
+        compiled.append(snlp.forward(model, idx, plan).logits)
+    # the blocks compiled, and the tail's call of two units at once compiled graphs of its own
+    assert 0 < sequential_graphs < counters["stats"]["unique_graphs"]
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import (VE_GATE_CHANNELS, AttentionWeights, BlockWeights, Context, KVCache, MLPWeights, at_least_float32,
-                    attention, cat_weights, mlp, norm, rotary_tables, run_block,
-                    with_fused_qkv)
+                    attention, block_forward, cat_weights, mlp, norm, rotary_tables, run_block, with_fused_qkv)
 from .config import GPTConfig, has_ve, window_sizes
 from .fusion import fuse_value_embeddings, fuse_weights
 from .mhc import HyperConnection
@@ -152,7 +151,18 @@ class GPT(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.prepared = Prepared()  # stacked weights and window bounds, reused while the weights stay the same
+        self.block_forward = block_forward  # what evaluates blocks; compile_blocks replaces it
         self.init_weights()
+
+    def compile_blocks(self, mode: str | None = None) -> "GPT":
+        """Evaluate the blocks of forwards without a KV cache through `torch.compile(block_forward)`: the sequential
+        forward, and the sequential prefix and layer-parallel tail of `snlp.forward` (JVPs stay eager). The
+        embedding, the head and the solver's correction stay eager, so the solver's checks and statistics work
+        unchanged. Each new shape (tokens, units per call) compiles once, on its first call. mode="reduce-overhead"
+        replays CUDA graphs on a GPU; on the CPU it adds nothing. Decoding stays eager: every step's cache length is
+        a new shape. Returns the model."""
+        self.block_forward = torch.compile(block_forward, mode=mode, dynamic=False)
+        return self
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, output_std: float = 0.0):
@@ -259,7 +269,8 @@ class GPT(nn.Module):
         """f_{i+1}(h): block i on the state h (B, T, D), or (B, S, T, D) with mHC; `cache` as in `trace`; `ctx`:
         `emb.context()` when the caller has it already. The same maths as the module's forward, with prepared
         weights."""
-        return run_block(self.block_weights(slice(i, i + 1)), i, h, emb.context() if ctx is None else ctx, cache)
+        return run_block(self.block_weights(slice(i, i + 1)), i, h, emb.context() if ctx is None else ctx, cache,
+                         block_forward if cache is not None else self.block_forward)
 
     def trace(self, emb: Embedded, stop: int | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
         """The sequential trace h_0 .. h_stop (default: every layer), one block after another. With a KV cache of
@@ -311,4 +322,5 @@ class GPT(nn.Module):
         """The residual equation of the blocks from `start` on, fused `fuse` at a time, for layersolve. `weights`:
         those units' `tail_weights` when the caller has them already; `past`: their KV cache when decoding."""
         weights = self.tail_weights(start, fuse) if weights is None else weights
-        return BlockSystem(weights, emb.context(start, fuse), past)
+        forward = block_forward if past is not None else self.block_forward  # decoding stays eager (compile_blocks)
+        return BlockSystem(weights, emb.context(start, fuse), past, forward)

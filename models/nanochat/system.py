@@ -28,10 +28,11 @@ CPU_GROUP_BYTES = 8 * 2**20
 class BlockSystem(ls.LayerSystem):
     """The system of the n units of `weights` (blocks, or fused chunks), whose context `ctx` covers the same units.
     With a KV cache (decoding), each unit attends to its cached keys and values of earlier tokens, and
-    `store_kv` adds these tokens' own."""
+    `store_kv` adds these tokens' own. `forward` evaluates units: block_forward, or a compiled version of it
+    (JVPs always run the eager one)."""
 
-    def __init__(self, weights: BlockWeights, ctx: Context, cache: KVCache | None = None):
-        self.weights, self.ctx, self.cache = weights, ctx, cache
+    def __init__(self, weights: BlockWeights, ctx: Context, cache: KVCache | None = None, forward=block_forward):
+        self.weights, self.ctx, self.cache, self.forward = weights, ctx, cache, forward
         self._slices: dict[tuple[int, int], BlockWeights] = {}  # weights of unit ranges, sliced once per system
         x0 = ctx.x0  # (B, T, D), or (B, S, T, D) with mHC
         mixing = None
@@ -43,8 +44,11 @@ class BlockSystem(ls.LayerSystem):
         super().__init__(self._outputs, weights.num_layers, mixing=mixing, stream_dim=None if mixing is None else 1,
                          scales=scales, state_shape=tuple(x0.shape), dtype=x0.dtype)
 
-    def _run(self, units: slice, inputs: torch.Tensor, want_mixing: bool = False, writes: bool = True) -> BlockOutput:
-        return block_forward(self._weights(units), inputs, self.ctx.select(units, self.cache, writes), want_mixing)
+    def _run(self, units: slice, inputs: torch.Tensor, want_mixing: bool = False, writes: bool = True,
+             forward=None) -> BlockOutput:
+        """The units' block evaluation, by the system's `forward` (block_forward, or a compiled version of it)."""
+        forward = self.forward if forward is None else forward
+        return forward(self._weights(units), inputs, self.ctx.select(units, self.cache, writes), want_mixing)
 
     def _weights(self, units: slice) -> BlockWeights:
         key = units.indices(self.num_layers)[:2]
@@ -56,8 +60,8 @@ class BlockSystem(ls.LayerSystem):
         # Forward-mode AD (exact and diagonal strategies): the fused attention kernels have no forward derivative,
         # the unfused SDPA maths has; and a transform cannot write the KV cache in place.
         with sdpa_kernel(SDPBackend.MATH):
-            return torch.func.jvp(lambda x: self._run(layers, x, writes=False).out, (inputs.contiguous(),),
-                                  (tangents,))
+            return torch.func.jvp(lambda x: self._run(layers, x, writes=False, forward=block_forward).out,
+                                  (inputs.contiguous(),), (tangents,))
 
     def _outputs(self, units: slice, inputs: torch.Tensor) -> torch.Tensor:
         """The units' outputs. Each evaluation also writes the units' keys and values at its inputs into the cache
