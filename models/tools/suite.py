@@ -5,7 +5,9 @@ Per shape, a model with trained-like random weights (nanochat GPT without the x0
 embeddings, full windows) and, for the HCN row, its mHC twin of the same size. Rows:
 
     prefill  sequential (eager; compiled: torch.compile, with CUDA graphs on GPU), IDN at n = L/2 and n = L with
-             K = 1, 2, (n/2)xF2 K1 and 1xF(n) K1 at n = L/2, HCN (Mixing) K1 at n = L/2 on the mHC model;
+             K = 1, 2, (n/2)xF2 K1 and 1xF(n) K1 at n = L/2, HCN (Mixing) K1 at n = L/2 on the mHC model; and
+             with compiled blocks (GPT.compile_blocks, CUDA graphs on GPU): sequential, IDN n = L/2 K1 and
+             (n/2)xF2 K1, each with its compile time apart;
     decode   per generated token after an 8-token prompt, at each decode batch: sequential, IDN n = L/2 with K = 1
              and 2 from repeat, and K = 1 warm (the previous token's trace).
 
@@ -20,6 +22,7 @@ Byte model (stated, rough): each block evaluation reads the block's weights once
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -80,6 +83,11 @@ def prefill_plans(layers: int) -> list[snlp.Plan]:
     plans = [snlp.Plan(n_par=n, iters=k) for n in (half, layers) for k in (1, 2)]
     plans += [snlp.Plan(n_par=half, fuse=f, iters=1) for f in sorted({2, half}) if f > 1 and half % f == 0]
     return plans
+
+
+def compiled_plans(layers: int) -> list[snlp.Plan]:
+    """The plans also timed with compiled blocks: IDN K1 and (n/2)xF2 K1 at n = L/2."""
+    return [p for p in prefill_plans(layers) if p.n_par == layers // 2 and p.iters == 1 and p.fuse <= 2]
 
 
 def decode_plans(layers: int) -> list[snlp.Plan]:
@@ -212,6 +220,25 @@ def compiled_sequential(model: GPT, idx: torch.Tensor, warmup: int, repeats: int
             "max_s": max(times), "compile_s": compile_s, "mode": mode or "default"}
 
 
+def compiled_blocks_rows(model: GPT, idx: torch.Tensor, plans: dict[str, snlp.Plan], preset: Preset,
+                         progress=print) -> list[dict]:
+    """The sequential forward and the plans on a copy of the model whose blocks run compiled (GPT.compile_blocks;
+    CUDA graphs on GPU): each row's first call, which compiles its shapes, is timed apart as compile_s."""
+    mode = "reduce-overhead" if idx.device.type == "cuda" else None
+    twin = copy.deepcopy(model).compile_blocks(mode)
+    timed = timer(idx.device)
+    compile_s = {}
+    with torch.inference_mode():
+        for name, plan in {SEQUENTIAL: None, **plans}.items():
+            compile_s[name] = timed(lambda: twin(idx) if plan is None else snlp.forward(twin, idx, plan))
+        rows = prefill_rows(twin, idx, plans, preset.warmup, preset.repeats, lambda line: None)
+    for row in rows:
+        row["compile_s"], row["mode"] = compile_s[row["case"]], f"compile_blocks({mode or 'default'})"
+        row["case"] += " compiled blocks"
+        progress(f"  {row['case']}: {row['median_s'] * 1e3:.1f} ms (compile {row['compile_s']:.1f} s)")
+    return rows
+
+
 def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, progress=print) -> dict:
     model, mhc = twin_models(shape, preset, device)
     idx = torch.randint(0, preset.vocab_size, (1, shape.tokens), device=device,
@@ -228,6 +255,8 @@ def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, 
         progress(f"  {compiled['case']}: {compiled['median_s'] * 1e3:.1f} ms (compile {compiled['compile_s']:.1f} s)")
         rows.insert(1, compiled)
         baselines["compiled"] = compiled["median_s"]
+        rows += compiled_blocks_rows(model, idx, {plan_name(p): p for p in compiled_plans(shape.layers)}, preset,
+                                     progress)
     # The mHC rows divide by the mHC model's own eager sequential forward; no compiled baseline for it.
     _speedups(rows, baselines)
     _speedups(mhc_rows, {"eager": mhc_rows[0]["median_s"], **{b: None for b in baselines if b != "eager"}})
