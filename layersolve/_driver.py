@@ -7,7 +7,9 @@ F_l = f_l(h_{l-1}^k), then solves the surrogate's linear recurrence for the chan
 
 which is h_l^{k+1} = f_l(h_{l-1}^k) + J~_l (h_{l-1}^{k+1} - h_{l-1}^k) written in increments (better rounding).
 Whatever J~ is, after k iterations the first k layers are exact (finite termination), so iterations are capped at
-the segment's layer count.
+the segment's layer count. The surrogate's map takes the whole step (`LinearMap.correct`: residual, solve, new trace,
+step norms), fused into one Triton kernel where it can be, and the residual norms come from one pass over F and h
+(layersolve.kernels); the driver never branches on either.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import math
 
 import torch
 
+from . import kernels
 from ._diagnostics import Result, Solution, SolveError, Stats
 from ._guesses import Given, Repeat
 from ._newton import Newton
+from ._recurrence import layer_norms
 from ._schedule import Parallel, Schedule, Sequential
 from ._system import LayerSystem, machine_tolerance
 from .jacobians import Step, Work
@@ -117,13 +121,17 @@ def _check_solver(solver, name: str) -> None:
     solver.check()
 
 
-def _norms(x: Tensor) -> Tensor:
-    """Per-layer L2 norms of a stack (n, *S) -> (n,), detached, in float64."""
-    return torch.linalg.vector_norm(x.detach().flatten(1).double(), dim=1)
-
-
 def _relative(diff: Tensor, base: Tensor) -> Tensor:
-    return _norms(diff) / _norms(base).clamp_min(torch.finfo(torch.float64).tiny)
+    return layer_norms(diff) / layer_norms(base).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _residual_norms(trace: Tensor, outputs: Tensor) -> tuple[Tensor, Tensor]:
+    """(||F_l - h_l||, ||F_l||) per layer, float64 and detached: one fused kernel where kernels.use_triton says so
+    (detached, so a solve under autograd still gets it)."""
+    trace, outputs = trace.detach(), outputs.detach()
+    if kernels.use_triton(trace, outputs):
+        return kernels.residual_norms(trace, outputs)
+    return layer_norms(outputs - trace[1:]), layer_norms(outputs)
 
 
 def _sequential(system: LayerSystem, layers: slice, start: Tensor, reference: Tensor | None):
@@ -159,16 +167,15 @@ def _parallel(system, layers, start, solver, iters, tol, init, reference, on_div
         outputs = system.evaluate(layers, trace[:-1])  # F_l = f_l(h_{l-1}^k), all layers at once
         work.evaluations += n
         work.depth += 1
-        minus_residual = outputs - trace[1:]
-        residual_norms = _norms(minus_residual)
-        residuals.append(residual_norms / _norms(outputs).clamp_min(torch.finfo(torch.float64).tiny))
+        residual_norms, output_norms = _residual_norms(trace, outputs)
+        residuals.append(residual_norms / output_norms.clamp_min(torch.finfo(torch.float64).tiny))
         if step_norms is not None:  # ||r_l^{k+1}|| / ||delta_{l-1}^k||; layer 1's input never moves
             moved = torch.cat([torch.zeros(1, dtype=torch.float64, device=step_norms.device), step_norms[:-1]])
             contraction.append(torch.where(moved > 0, residual_norms / moved, math.nan))
         if checked:
             worst, largest = float(residual_norms.max()), float(residuals[-1].max())
             if k == 0 and solver.divergence is not None:
-                floor = prefix_tol * float(_norms(outputs).max())
+                floor = prefix_tol * float(output_norms.max())
                 bound = solver.divergence * max(worst, floor, torch.finfo(torch.float64).tiny)
             if not (math.isfinite(worst) and math.isfinite(largest)):
                 result = Result.NONFINITE
@@ -183,9 +190,7 @@ def _parallel(system, layers, start, solver, iters, tol, init, reference, on_div
         surrogate = solver.jacobian.linearize(Step(system, layers, trace[:-1], outputs, work, generator))
         if solver.damping:  # undamped, each map keeps its own fastest solve (IDN: a cumsum)
             surrogate = surrogate.scaled(1.0 - solver.damping)
-        delta = surrogate.solve(minus_residual, solver.recurrence)
-        step_norms = _norms(delta)
-        trace = torch.cat([trace[:1], trace[1:] + delta])
+        trace, step_norms = surrogate.correct(trace, outputs, solver.recurrence)  # the step, and ||delta_l||
 
     iterations = len(residuals) - 1
     if result is None:

@@ -13,6 +13,11 @@ state dim, the stream axis of a hyper-connected model; or N x N on the flattened
 matrix-free operators (exact JVPs), which can only sweep.
 
 Tensors are stacked on dim 0 over layers: b and x are (n, *S).
+
+`correct(trace, outputs, recurrence)` is the driver's whole step around the solve: the residual, the solve, the
+new trace and its step norms. Identity, elementwise and static stream-mixing maps run it as one fused Triton kernel
+(layersolve.kernels) when the tensors are on CUDA (or the interpreter is on) and the recurrence is a Scan; every
+other case is the torch maths of `LinearMap.correct`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 import torch
+
+from . import kernels
 
 Tensor = torch.Tensor
 Pair = tuple[Tensor, Tensor]
@@ -67,6 +74,11 @@ def associative_scan(combine: Callable[[Sequence[Tensor], Sequence[Tensor]], Seq
     return elems
 
 
+def layer_norms(x: Tensor) -> Tensor:
+    """Per-layer L2 norms of a stack (n, *S) -> (n,), detached, computed in float64."""
+    return torch.linalg.vector_norm(x.detach().flatten(1), dim=1, dtype=torch.float64)
+
+
 class LinearMap:
     """A_1..A_n for a block of n layers. Subclasses give `apply` (all layers at once), `layer` (one layer), and
     optionally `_scan`; `solve` dispatches."""
@@ -91,6 +103,13 @@ class LinearMap:
         if isinstance(recurrence, Sweep) or not self.scannable:
             return self._sweep(b)
         return self._scan(b)
+
+    def correct(self, trace: Tensor, outputs: Tensor, recurrence: Recurrence = Scan()) -> Pair:
+        """One Newton step over depth (docs/math.md eq. (4)): delta solves delta_l = A_l delta_{l-1} + (F_l - h_l),
+        delta_0 = 0. trace: the iterate h (n+1, *S); outputs: F_l = f_l(h_{l-1}) (n, *S). Returns the new trace
+        (n+1, *S) (row 0 kept) and the step norms ||delta_l|| (n,) in float64, detached."""
+        delta = self.solve(outputs - trace[1:], recurrence)
+        return torch.cat([trace[:1], trace[1:] + delta]), layer_norms(delta)
 
     def _sweep(self, b: Tensor) -> Tensor:
         xs = [b[0]]
@@ -135,6 +154,12 @@ class IdentityMap(LinearMap):
     def _scan(self, b):
         return torch.cumsum(b, dim=0)
 
+    def correct(self, trace, outputs, recurrence=Scan()):
+        if isinstance(recurrence, Scan) and kernels.use_triton(trace, outputs):
+            new, squares = kernels.correction(trace, outputs)
+            return new, squares.sqrt()
+        return super().correct(trace, outputs, recurrence)
+
 
 def _elementwise_combine(later: Pair, earlier: Pair) -> Pair:
     (a2, b2), (a1, b1) = later, earlier
@@ -149,7 +174,7 @@ class ElementwiseMap(LinearMap):
         self.a = a
 
     def _per_layer(self, x: Tensor) -> Tensor:
-        a = (self.a if self.a.ndim else self.a.expand(x.shape[0])).to(x.dtype)
+        a = (self.a if self.a.ndim else self.a.expand(x.shape[0])).to(device=x.device, dtype=x.dtype)
         return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
     def apply(self, x):
@@ -164,6 +189,14 @@ class ElementwiseMap(LinearMap):
     def _scan(self, b):
         a = self._per_layer(b)
         return associative_scan(_elementwise_combine, (a, b))[1]
+
+    def correct(self, trace, outputs, recurrence=Scan()):
+        a = self.a.to(trace.device)
+        fused = a.ndim == 0 or tuple(a.shape) == (outputs.shape[0],) or a.shape == outputs.shape
+        if fused and isinstance(recurrence, Scan) and kernels.use_triton(trace, outputs, a):
+            new, squares = kernels.correction(trace, outputs, a)
+            return new, squares.sqrt()
+        return super().correct(trace, outputs, recurrence)
 
 
 def _matvec(m: Tensor, x: Tensor) -> Tensor:
@@ -216,6 +249,13 @@ class MatrixMap(LinearMap):
         m = self._aligned(bs.ndim).to(b.dtype)
         x = associative_scan(_matrix_combine, (m, bs))[1]
         return self._restore(x, b)
+
+    def correct(self, trace, outputs, recurrence=Scan()):
+        static = self.dim is not None and self.matrices.ndim == 3  # per-token and dense matrices: torch
+        if static and isinstance(recurrence, Scan) and kernels.use_triton(trace, outputs, self.matrices):
+            new, squares = kernels.mixing_correction(trace, outputs, self.matrices, self.dim)
+            return new, squares.sqrt()
+        return super().correct(trace, outputs, recurrence)
 
 
 class OperatorMap(LinearMap):

@@ -77,3 +77,10 @@ def test_scaled_maps():
     for name, m in maps(n, s, d, 3).items():
         torch.testing.assert_close(m.scaled(0.5).apply(b), 0.5 * m.apply(b), msg=name)
         assert isinstance(m.scaled(0.0), ls.ZeroMap)
+
+
+def test_a_scaled_identity_meets_the_state_on_its_device():
+    """Damped IDN is ElementwiseMap(a CPU scalar): expanded per layer, it must follow the state (here the meta
+    device, standing in for CUDA)."""
+    b = torch.ones(3, 4, dtype=DTYPE, device="meta")
+    assert ls.IdentityMap().scaled(0.5).solve(b).device == b.device
