@@ -15,7 +15,8 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-KERNEL_MODULES = ("layersolve.kernels.elementwise", "layersolve.kernels.mixing", "layersolve.kernels.norms")
+KERNEL_MODULES = ("layersolve.kernels.elementwise", "layersolve.kernels.mixing", "layersolve.kernels.norms",
+                  "models.nanochat.kernels")
 
 
 def _reload() -> None:

@@ -68,6 +68,19 @@ def test_dispatch_refuses_autograd_mixed_devices_and_other_dtypes():
         assert not kernels.use_triton(x.detach(), torch.zeros(3, 4))
 
 
+def test_dispatch_refuses_transformed_and_dual_tensors():
+    """vmap / jvp wrap their tensors and forward-mode AD carries tangents: a kernel would read the bare values."""
+    seen = []
+    torch.func.vmap(lambda x: seen.append(kernels.use_triton(x)) or x)(torch.zeros(2, 3, device=DEVICE))
+    torch.func.jvp(lambda x: seen.append(kernels.use_triton(x)) or x, (torch.zeros(3, device=DEVICE),),
+                   (torch.ones(3, device=DEVICE),))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE))
+        seen.append(kernels.use_triton(dual))
+    assert seen == [False, False, False]
+    assert kernels.use_triton(torch.nn.Parameter(torch.zeros(3, device=DEVICE), requires_grad=False))
+
+
 def test_dispatch_keeps_torch_while_compiling(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not kernels.use_triton(torch.zeros(3, device=DEVICE))

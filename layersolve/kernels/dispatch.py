@@ -2,8 +2,10 @@
 triton's interpreter is on (TRITON_INTERPRET=1: the kernels run on the CPU through numpy, for the tests). Without
 the interpreter a launch on CPU tensors fails ("0 active drivers"), so the device is checked, never assumed.
 
-The kernels have no backward and torch.compile makes its own fused code, so autograd through the inputs and
-compilation both keep the torch path. This module imports nothing of triton until it is asked about a tensor."""
+The kernels read raw memory and have no derivatives, so a tensor that autograd tracks, that carries a forward-mode
+tangent, that a torch.func transform (vmap, jvp, grad) wraps, or that is a subclass keeps the torch path, as does
+code that torch.compile traces (it makes its own fused kernels). This module imports nothing of triton until it is
+asked about a tensor."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import importlib.util
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,14 +34,21 @@ def interpreting() -> bool:
     return bool(knobs.runtime.interpret) if knobs is not None else os.environ["TRITON_INTERPRET"] == "1"
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A tensor whose memory is all there is to it: a torch.Tensor (or Parameter) that no torch.func transform wraps
+    and that carries no forward-mode tangent."""
+    return (type(t) in (torch.Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+            and forward_ad.unpack_dual(t).tangent is None)
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """True when a kernel should run on `tensors`: triton is importable, none of them needs a gradient (under grad
-    mode) or is traced by torch.compile, all have a dtype in SUPPORTED_DTYPES and share one device, and that device
-    is CUDA or the interpreter is on."""
+    """True when a kernel should run on `tensors`: triton is importable, torch.compile is not tracing, all of them
+    are plain tensors (see _plain) with a dtype in SUPPORTED_DTYPES on one device, none needs a gradient (under grad
+    mode), and that device is CUDA or the interpreter is on."""
     if not tensors or not _available() or torch.compiler.is_compiling():
         return False
     device = tensors[0].device
-    if any(t.device != device or t.dtype not in SUPPORTED_DTYPES for t in tensors):
+    if any(t.device != device or t.dtype not in SUPPORTED_DTYPES or not _plain(t) for t in tensors):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
