@@ -167,3 +167,36 @@ def test_bad_arguments():
     decoder.step(tokens(1, 4))
     with pytest.raises(ValueError, match="past the cache capacity of 4 tokens"):
         decoder.step(tokens(1, 1))
+
+
+@pytest.mark.parametrize("plan", [None, snlp.Plan(n_par=4, iters=1), snlp.Plan(n_par=4, fuse=2, iters=2)],
+                         ids=["sequential", "IDN K1", "2xF2 K2"])
+def test_static_caches_decode_the_same_logits(plan):
+    """A static cache attends to its whole capacity under a mask and writes at a tensor of positions; the logits
+    of every step are those of the dynamic cache (windows bind: the prompt and the new tokens pass the short
+    window)."""
+    model = random_model(tiny_config(sequence_len=16), seed=4)
+    ids = tokens(2, 28, seed=4)
+    dynamic, static = Decoder(model, plan, capacity=28), Decoder(model, plan, capacity=28, static=True)
+    for chunk in (ids[:, :20], ids[:, 20:21], ids[:, 21:24], ids[:, 24:25]):
+        torch.testing.assert_close(static.step(chunk), dynamic.step(chunk), rtol=1e-12, atol=1e-12)
+
+
+def test_a_static_decoding_step_compiles_once():
+    """With compiled blocks and static caches, steps after the first token's reuse its graphs: the cache length
+    is no new shape and the position no new constant."""
+    from torch._dynamo.utils import counters
+
+    model = random_model(tiny_config(sequence_len=32), seed=5, dtype=torch.float32).compile_blocks()
+    prompt = tokens(1, 6, seed=5)
+    decoder = Decoder(model, snlp.Plan(n_par=2, iters=1), capacity=16, static=True)
+    decoder.step(prompt)
+    step = decoder.step(prompt[:, -1:])
+    counters.clear()
+    for i in range(3):
+        step = decoder.step(step[:, -1].argmax(-1, keepdim=True))
+    assert counters["stats"]["unique_graphs"] == 0
+    eager = random_model(tiny_config(sequence_len=32), seed=5, dtype=torch.float32)
+    expected = generate(eager, prompt, 5, plan=snlp.Plan(n_par=2, iters=1))
+    assert torch.equal(Decoder(model, snlp.Plan(n_par=2, iters=1), capacity=16, static=True).generate(prompt, 5),
+                       expected)

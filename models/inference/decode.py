@@ -26,16 +26,19 @@ from .snlp import WARM, Plan, prepare
 class Decoder:
     """Feeds token batches (B, T) through `model`, sequentially (plan=None) or with SNLP over the plan's tail."""
 
-    def __init__(self, model: GPT, plan: Plan | None = None, capacity: int | None = None):
-        self.model, self.plan = model, plan
+    def __init__(self, model: GPT, plan: Plan | None = None, capacity: int | None = None, static: bool = False):
+        """capacity: the most tokens fed in all (default the model's sequence_len). static: caches of fixed shape
+        (see KVCache): every step attends to the whole capacity under a mask, so that a model with compiled blocks
+        (GPT.compile_blocks) compiles a step once and on a GPU replays it as a CUDA graph; eager, it only costs."""
+        self.model, self.plan, self.static = model, plan, static
         L = model.config.n_layer
         if plan is not None:
             plan.check(model)
         self.capacity = capacity or model.config.sequence_len
         self.position = 0
         self.previous = None  # the last token's normed embedding, for the next token's smear
-        self.prefix = KVCache(L if plan is None else L - plan.n_par, self.capacity)  # one unit per block
-        self.tail = None if plan is None else KVCache(plan.n_par // plan.fuse, self.capacity)  # one unit per chunk
+        self.prefix = KVCache(L if plan is None else L - plan.n_par, self.capacity, static=static)  # a unit a block
+        self.tail = None if plan is None else KVCache(plan.n_par // plan.fuse, self.capacity, static=static)
         self.stats: list[ls.Stats] = []
         self.results: list[ls.Result] = []  # how each step's solve ended
         self.last_trace = None  # with init="warm": the previous step's final tail trace at its last token
@@ -47,6 +50,8 @@ class Decoder:
         if self.position + idx.shape[1] > self.capacity:
             raise ValueError(f"decoding past the cache capacity of {self.capacity} tokens")
         emb = model.embed(idx, position=self.position, previous=self.previous)
+        if self.static and self.prefix.k is None:
+            self._allocate(idx.shape[0], emb.x0)
         if self.plan is None:
             trace = model.trace(emb, cache=self.prefix)
             logits = model.head(trace[-1], trace[model.backout_layer])
@@ -79,6 +84,14 @@ class Decoder:
             out.append(sample(logits, temperature, top_k, generator))
             logits = self.step(out[-1][:, None])[:, -1]
         return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
+
+    def _allocate(self, batch: int, x0: torch.Tensor) -> None:
+        """Static caches before the first step: a tail unit of a fused plan is a wide block with `fuse` times the
+        key / value heads."""
+        cfg = self.model.config
+        for cache, fuse in ((self.prefix, 1), (self.tail, None if self.plan is None else self.plan.fuse)):
+            if cache is not None:
+                cache.allocate(batch, fuse * cfg.n_kv_head, cfg.head_dim, x0.dtype, x0.device)
 
     def _final_units(self, sol: ls.Solution) -> int:
         """How many leading tail units the solve's last evaluation saw at their final inputs, so that the keys and

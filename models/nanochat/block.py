@@ -151,29 +151,40 @@ def _combine(parts: list, combine):
 class Context:
     """What the n blocks being evaluated share: x0 (B, T, D) or (B, S, T, D) for mHC, their value embeddings
     ve (n, B, T, KV*hd) (or None), rotary tables for the positions of the tokens (Tq, hd/2), the absolute position
-    of the first token, and, when decoding, the KV cache of the units being evaluated (see `select`)."""
+    of the first token (and every token's, as a tensor), and, when decoding, the KV cache of the units being
+    evaluated (see `select`)."""
 
     x0: Tensor
     ve: Tensor | None
     cos: Tensor
     sin: Tensor
     position: int = 0
+    positions: Tensor | None = None  # (Tq,) the same positions as a tensor: what a static cache's step reads
     cache: KVCache | None = None
     units: slice | None = None  # the evaluated units' indices in `cache`
     writes: bool = True  # attention writes these tokens' keys and values into the cache (see `select`)
+    static_kv: tuple[Tensor, Tensor] | None = None  # a static cache's keys and values of these units (views)
 
     def select(self, units: slice, cache: KVCache | None = None, writes: bool = True) -> "Context":
         """The context of the units (blocks, or fused chunks) of the slice, attending to their cached keys and
         values of the tokens before `position` when a cache is given. With `writes`, attention stores these tokens'
         keys and values in the cache in place and attends to the cache (no copy of the past); without (functional
         transforms such as JVPs, which cannot mutate a captured tensor), it attends to a concatenation."""
-        return replace(self, ve=None if self.ve is None else self.ve[units], cache=cache, units=units, writes=writes)
+        # a static cache's views are cut here, outside any compiled block: its code then never sees which units
+        static_kv = cache.views(units) if cache is not None and cache.static and writes else None
+        return replace(self, ve=None if self.ve is None else self.ve[units], cache=cache, units=units, writes=writes,
+                       static_kv=static_kv)
 
     def keys_values(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """The keys and values (n, B, KV, T_past + T, hd) that these tokens' queries attend to, given their own k, v
         (n, B, KV, T, hd)."""
         if self.cache is None:
             return k, v
+        if self.static_kv is not None:  # write at the tensor of positions, attend to the whole capacity
+            keys, values = self.static_kv
+            keys.index_copy_(3, self.positions, k)
+            values.index_copy_(3, self.positions, v)
+            return keys, values
         if self.writes:
             return self.cache.extend(self.units, self.position, k, v)
         past_k, past_v = self.cache.past(self.units, self.position)
@@ -184,12 +195,25 @@ class Context:
 class KVCache:
     """Keys and values of `units` units for up to `capacity` tokens: (units, B, KV, capacity, hd) each, allocated
     on the first write (when the head counts and dtype are known). Stacked over units, so a batched evaluation of
-    the parallel tail reads and writes every unit's cache with one indexing, in place."""
+    the parallel tail reads and writes every unit's cache with one indexing, in place.
+
+    static: every step attends to the whole capacity under a mask, and writes at a tensor of positions, so that
+    each step has the same shapes and reads no Python position: a compiled block (GPT.compile_blocks) compiles a
+    decoding step once and, on a GPU, replays it as a CUDA graph. A static cache is allocated up front
+    (`allocate`), at addresses that stay put."""
 
     units: int
     capacity: int
     k: Tensor | None = None
     v: Tensor | None = None
+    static: bool = False
+
+    def allocate(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        shape = (self.units, batch, heads, self.capacity, head_dim)
+        self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        if self.static:  # CUDA graphs may mutate only inputs whose address is fixed
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
 
     def past(self, units: slice, length: int) -> tuple[Tensor | None, Tensor | None]:
         """The units' keys and values of the first `length` tokens (None, None when there are none)."""
@@ -200,8 +224,7 @@ class KVCache:
     def write(self, units: slice, position: int, k: Tensor, v: Tensor) -> None:
         """Store the units' keys and values k, v (n, B, KV, T, hd) of the tokens from `position` on."""
         if self.k is None:
-            shape = (self.units, k.shape[1], k.shape[2], self.capacity, k.shape[4])
-            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+            self.allocate(k.shape[1], k.shape[2], k.shape[4], k.dtype, k.device)
         self.k[units, :, :, position:position + k.shape[3]] = k
         self.v[units, :, :, position:position + v.shape[3]] = v
 
@@ -209,6 +232,10 @@ class KVCache:
         """`write`, then the units' keys and values of every token up to these (views of the cache)."""
         self.write(units, position, k, v)
         return self.past(units, position + k.shape[3])
+
+    def views(self, units: slice) -> tuple[Tensor, Tensor]:
+        """The units' keys and values over the whole capacity (views)."""
+        return self.k[units], self.v[units]
 
 
 # -- the block maths --------------------------------------------------------------------------------------------------
@@ -230,10 +257,16 @@ def attention_mask(w: AttentionWeights, position: int, queries: int, keys: int, 
     if no_window and (queries == 1 or keys == queries):
         return None
     q_pos = torch.arange(position, position + queries, device=device)
-    distance = q_pos[:, None] - torch.arange(keys, device=device)[None, :]  # (Tq, Tk)
     if no_window:  # queries after cached keys: causal, offset by the cache
-        return (distance >= 0)[None, None, None]
-    return (distance >= 0) & (distance <= w.mask_windows[:, None, :, None, None])
+        return (q_pos[:, None] >= torch.arange(keys, device=device)[None, :])[None, None, None]
+    return window_mask(w.mask_windows, q_pos, keys)
+
+
+def window_mask(windows: Tensor, q_pos: Tensor, keys: int) -> Tensor:
+    """(n, 1, H or 1, Tq, Tk): query at position q_pos[i] sees key j when 0 <= q_pos[i] - j <= its head's window.
+    windows (n, H or 1); q_pos (Tq,) a tensor, so a static cache's step computes it without reading a position."""
+    distance = q_pos[:, None] - torch.arange(keys, device=q_pos.device)[None, :]  # (Tq, Tk)
+    return (distance >= 0) & (distance <= windows[:, None, :, None, None])
 
 
 def project_qkv(w: AttentionWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
@@ -262,7 +295,10 @@ def attention(w: AttentionWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Ten
     n, B, T, D = x.shape
     q, k, v = project_qkv(w, x, ctx)
     keys, values = ctx.keys_values(k, v)
-    mask = attention_mask(w, ctx.position, T, keys.shape[3], x.device)
+    if ctx.static_kv is not None:  # the whole capacity: always masked
+        mask = window_mask(w.windows, ctx.positions, keys.shape[3])
+    else:
+        mask = attention_mask(w, ctx.position, T, keys.shape[3], x.device)
     causal = mask is None and T > 1
     if mask is not None:  # (n, 1, H or 1, Tq, Tk) -> (n * B, H or 1, Tq, Tk)
         mask = mask.expand(n, B, *mask.shape[2:]).flatten(0, 1)

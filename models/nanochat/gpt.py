@@ -14,6 +14,7 @@ mid-depth state, a vocabulary padded to a multiple of 64, logit softcap 15.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,12 @@ class Embedded:
         """What the units from layer `start` on share, `fuse` blocks to a unit: their value embeddings cut and
         fused (fusion.py). The default is every block of the model."""
         ve = None if self.ve is None else fuse_value_embeddings(self.ve[start:], fuse)
-        return Context(self.x0, ve, self.cos, self.sin, self.position)
+        return Context(self.x0, ve, self.cos, self.sin, self.position, self.positions)
+
+    @functools.cached_property
+    def positions(self) -> torch.Tensor:
+        """The tokens' positions (T,) as a tensor, what a static KV cache's step reads instead of `position`."""
+        return torch.arange(self.position, self.position + self.cos.shape[0], device=self.x0.device)
 
 
 class GPT(nn.Module):
@@ -159,8 +165,9 @@ class GPT(nn.Module):
         forward, and the sequential prefix and layer-parallel tail of `snlp.forward` (JVPs stay eager). The
         embedding, the head and the solver's correction stay eager, so the solver's checks and statistics work
         unchanged. Each new shape (tokens, units per call) compiles once, on its first call. mode="reduce-overhead"
-        replays CUDA graphs on a GPU; on the CPU it adds nothing. Decoding stays eager: every step's cache length is
-        a new shape. Returns the model."""
+        replays CUDA graphs on a GPU; on the CPU it adds nothing. Decoding runs compiled with a static cache
+        (`Decoder(..., static=True)`), whose steps all have one shape; with the default dynamic cache every step's
+        cache length would be a new shape, so it stays eager. Returns the model."""
         self.block_forward = torch.compile(block_forward, mode=mode, dynamic=False)
         return self
 
@@ -270,7 +277,7 @@ class GPT(nn.Module):
         `emb.context()` when the caller has it already. The same maths as the module's forward, with prepared
         weights."""
         return run_block(self.block_weights(slice(i, i + 1)), i, h, emb.context() if ctx is None else ctx, cache,
-                         block_forward if cache is not None else self.block_forward)
+                         self._forward_with(cache))
 
     def trace(self, emb: Embedded, stop: int | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
         """The sequential trace h_0 .. h_stop (default: every layer), one block after another. With a KV cache of
@@ -322,5 +329,9 @@ class GPT(nn.Module):
         """The residual equation of the blocks from `start` on, fused `fuse` at a time, for layersolve. `weights`:
         those units' `tail_weights` when the caller has them already; `past`: their KV cache when decoding."""
         weights = self.tail_weights(start, fuse) if weights is None else weights
-        forward = block_forward if past is not None else self.block_forward  # decoding stays eager (compile_blocks)
-        return BlockSystem(weights, emb.context(start, fuse), past, forward)
+        return BlockSystem(weights, emb.context(start, fuse), past, self._forward_with(past))
+
+    def _forward_with(self, cache: KVCache | None):
+        """The block function for forwards with this cache: compile_blocks' unless a dynamic cache would give it a
+        new shape at every decoding step."""
+        return self.block_forward if cache is None or cache.static else block_forward
