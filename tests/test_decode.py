@@ -187,11 +187,14 @@ def test_a_static_decoding_step_compiles_once():
     is no new shape and the position no new constant."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # this test's graphs alone
     model = random_model(tiny_config(sequence_len=32), seed=5, dtype=torch.float32).compile_blocks()
     prompt = tokens(1, 6, seed=5)
     decoder = Decoder(model, snlp.Plan(n_par=2, iters=1), capacity=16, static=True)
+    counters.clear()
     decoder.step(prompt)
     step = decoder.step(prompt[:, -1:])
+    assert counters["stats"]["unique_graphs"] > 0  # the prompt's and the first token's shapes compiled
     counters.clear()
     for i in range(3):
         step = decoder.step(step[:, -1].argmax(-1, keepdim=True))

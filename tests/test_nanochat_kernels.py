@@ -83,10 +83,11 @@ def test_blend_norm_kernel_reads_non_contiguous_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reference_is_the_blocks_maths(dtype):
-    """Exactly what block._attention_input computes (blend) and block.norm (F.rms_norm over the last dim)."""
+    """Exactly nanochat's blend, each layer's lambdas in h's dtype (what block._attention_input computes on the CPU
+    through kernels.blend), and block.norm (F.rms_norm over the last dim)."""
     h, x0, resid, x0_lambda = blend_args((3, 2, 4, 16), dtype, seed=9)
     x, y = nk.blend_norm_reference(h, x0, resid, x0_lambda)
-    blended = block._per_layer(resid, h) * h + block._per_layer(x0_lambda, h) * x0.unsqueeze(0)
+    blended = torch.stack([resid[i].to(dtype) * h[i] + x0_lambda[i].to(dtype) * x0 for i in range(3)])
     assert torch.equal(x, blended)
     assert torch.equal(y, block.norm(blended))
 
@@ -132,3 +133,29 @@ def test_blend_norm_refuses_bad_arguments():
         nk.blend_norm(h, x0, None, x0_lambda)
     with pytest.raises(TypeError, match="h must be a float16"):
         nk.blend_norm(h.long(), None, None, None)
+
+
+@pytest.mark.parametrize("blend", [False, True], ids=["no_x0_resid", "x0_resid"])
+def test_the_blocks_take_the_kernel_and_keep_their_logits(monkeypatch, blend):
+    """Where dispatch allows (here the interpreter; on a GPU, CUDA), every block's attention input is one blend_norm
+    launch, and the model's logits (sequential and layer-parallel) are those of the torch path to float32
+    rounding."""
+    from helpers import random_model, tiny_config, tokens
+    from models.inference import snlp
+
+    model = random_model(tiny_config(n_layer=3, no_x0_resid=not blend, no_ve=True), seed=2,
+                         dtype=torch.float32).to(DEVICE)
+    idx = tokens(1, 8, seed=2).to(DEVICE)
+    plan = snlp.Plan(n_par=2, iters=1)
+    launches = []
+    with torch.no_grad():
+        with monkeypatch.context() as patch:
+            patch.setattr(block, "interpreting", lambda: False)  # the CPU path: torch maths, no kernel
+            expected = model(idx), snlp.forward(model, idx, plan).logits
+        triton = nk.blend_norm_triton
+        monkeypatch.setattr(nk, "blend_norm_triton", lambda *args: launches.append(args[2] is not None) or triton(*args))
+        got = model(idx), snlp.forward(model, idx, plan).logits
+    assert launches and all(b == blend for b in launches)  # 3 blocks, then 1 prefix block and the tail's call
+    assert len(launches) == 5
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -21,6 +21,9 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from layersolve.kernels import interpreting
+
+from . import kernels
 from .mhc import HCWeights, connection_weights, skip_mixing
 
 Tensor = torch.Tensor
@@ -350,18 +353,15 @@ def _attention_input(w: BlockWeights, h: Tensor, ctx: Context):
     """The part of a block its keys and values depend on: the blended state x (n, *state), the attention branch's
     normed input (n, B, T, D), and with mHC the attention sublayer's (H_pre, H_res, H_post) (else None).
     The x0 / residual blend belongs to the layer: f_l(h) = block_l(resid_l h + x0_l x0)."""
-    x = h
-    if w.resid is not None:
-        x = _per_layer(w.resid, h) * h + _per_layer(w.x0, h) * ctx.x0.unsqueeze(0)
+    # the blend and the norm in one Triton pass (kernels.py) where a kernel can run; torch.compile fuses its own
+    if w.hc_attn is None and not torch.compiler.is_compiling() and (h.is_cuda or interpreting()):
+        x, normed = kernels.blend_norm(h, *((None, None, None) if w.resid is None else (ctx.x0, w.resid, w.x0)))
+        return x, normed, None
+    x = h if w.resid is None else kernels.blend(h, ctx.x0, w.resid, w.x0)
     if w.hc_attn is None:
         return x, norm(x), None
     hc = connection_weights(w.hc_attn, x)
     return x, norm(_pool(hc[0], x)), hc
-
-
-def _per_layer(scalars: Tensor, x: Tensor) -> Tensor:
-    """(n,) -> (n, 1, ..., 1), to scale each layer's slice of x (n, ...)."""
-    return scalars.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _pool(pre: Tensor, x: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from .system import BlockSystem
 
 SOFTCAP = 15.0
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding
+RECOMPILE_LIMIT = 64  # compiled block shapes kept per process (compile_blocks)
 
 
 class Linear(nn.Linear):
@@ -168,6 +169,9 @@ class GPT(nn.Module):
         replays CUDA graphs on a GPU; on the CPU it adds nothing. Decoding runs compiled with a static cache
         (`Decoder(..., static=True)`), whose steps all have one shape; with the default dynamic cache every step's
         cache length would be a new shape, so it stays eager. Returns the model."""
+        # dynamo keeps compiled variants per function, 8 by default, then silently runs eagerly; the sequential
+        # block, the tail's unit counts (and CPU groups), fused chunks, prompt and step shapes pass that quickly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.block_forward = torch.compile(block_forward, mode=mode, dynamic=False)
         return self
 

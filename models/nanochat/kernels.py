@@ -112,12 +112,15 @@ def blend_norm_reference(h: Tensor, x0: Tensor | None, resid: Tensor | None,
                          x0_lambda: Tensor | None) -> tuple[Tensor, Tensor]:
     """The torch maths: the model's blend in h's dtype, then F.rms_norm over the last dim with its default eps."""
     _check(h, x0, resid, x0_lambda)
-    if resid is None:
-        x = h
-    else:
-        shape = (-1, *([1] * (h.ndim - 1)))
-        x = resid.to(h.dtype).reshape(shape) * h + x0_lambda.to(h.dtype).reshape(shape) * x0.unsqueeze(0)
+    x = h if resid is None else blend(h, x0, resid, x0_lambda)
     return x, F.rms_norm(x, (x.size(-1),))
+
+
+def blend(h: Tensor, x0: Tensor, resid: Tensor, x0_lambda: Tensor) -> Tensor:
+    """The blend alone, x = resid_l * h_l + x0_lambda_l * x0, in torch (unchecked: the block's CPU path, where a
+    kernel launch is not on offer and every microsecond of dispatch shows in decoding)."""
+    shape = (-1, *([1] * (h.ndim - 1)))
+    return resid.to(h.dtype).reshape(shape) * h + x0_lambda.to(h.dtype).reshape(shape) * x0.unsqueeze(0)
 
 
 def blend_norm(h: Tensor, x0: Tensor | None, resid: Tensor | None,
