@@ -101,3 +101,18 @@ def test_an_unknown_preset_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--preset", "huge"])
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_graphed_decode_rows_name_both_baselines(tiny_model):
+    """The graphed rows rerun every decode row with compiled blocks and static caches: same tokens as eager
+    decoding (K = n_par here), a compile time apart, and speedups over both sequential baselines."""
+    rates = suite.Rates(matmul_flops=1e9, copy_bytes=1e9)
+    plan = snlp.Plan(n_par=2, iters=2)
+    rows = suite.decode_rows(tiny_model, 1, 2, {"IDN n2 K2": plan}, warmup=0, repeats=1, rates=rates,
+                             progress=lambda line: None, graphed=True)
+    assert [r["case"] for r in rows] == ["decode b1 sequential", "decode b1 IDN n2 K2", "decode b1 sequential graphed",
+                                         "decode b1 IDN n2 K2 graphed"]
+    assert all(r["token_agreement"] == 1.0 for r in rows)
+    assert all(r["compile_s"] > 0 for r in rows[2:]) and all("compile_s" not in r for r in rows[:2])
+    assert all(set(r["speedup"]) == {"eager", "graphed"} for r in rows)
+    assert rows[2]["speedup"]["graphed"] == 1.0

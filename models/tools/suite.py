@@ -9,7 +9,8 @@ embeddings, full windows) and, for the HCN row, its mHC twin of the same size. R
              with compiled blocks (GPT.compile_blocks, CUDA graphs on GPU): sequential, IDN n = L/2 K1 and
              (n/2)xF2 K1, each with its compile time apart;
     decode   per generated token after an 8-token prompt, at each decode batch: sequential, IDN n = L/2 with K = 1
-             and 2 from repeat, and K = 1 warm (the previous token's trace).
+             and 2 from repeat, and K = 1 warm (the previous token's trace); on the GPU preset the same again
+             graphed (compiled blocks, static caches, CUDA graphs), each with its compile time apart.
 
 Each row has the median and spread over repeats, its speedup over each baseline it names, the solve's result, its
 accuracy against the eager sequential path (prefill: top-1 agreement and max |logit difference|; decode: the
@@ -58,6 +59,7 @@ class Preset:
     repeats: int = 7
     warmup: int = 2
     compile: bool = True
+    graphed_decode: bool = False  # decode rows again with compiled blocks and static caches (CUDA graphs on GPU)
     vocab_size: int = 8192
 
 
@@ -65,7 +67,7 @@ PRESETS = {
     "cpu": Preset((Shape(12, 128, 256), Shape(24, 256, 512)), torch.float32, head_dim=64, repeats=5),
     # bf16 weights and activations (no autocast): the dtype the paper's GPU timings use.
     "gpu-0.5b": Preset((Shape(32, 640, 512), Shape(32, 640, 2048)), torch.bfloat16, head_dim=128,
-                       decode_batches=(1, 8), repeats=10, warmup=3),
+                       decode_batches=(1, 8), repeats=10, warmup=3, graphed_decode=True),
     "tiny": Preset((Shape(4, 64, 32),), torch.float32, head_dim=64, new_tokens=4, repeats=1, warmup=0,
                    compile=False, vocab_size=512),
 }
@@ -150,33 +152,50 @@ def roofline(cfg: GPTConfig, plan: snlp.Plan | None, tokens: int, context: float
 # -- decoding ----------------------------------------------------------------------------------------------------------
 
 def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.Plan], warmup: int, repeats: int,
-                rates: Rates, progress=print) -> list[dict]:
-    """Per-token time of greedy decoding after a prompt, sequential (the first row) and with each plan."""
+                rates: Rates, progress=print, graphed: bool = False) -> list[dict]:
+    """Per-token time of greedy decoding after a prompt, sequential (the first row) and with each plan; the
+    accuracy column compares each row's tokens with the first row's. graphed: the rows again on a copy of the
+    model with compiled blocks (CUDA graphs on GPU) and static caches, each with its compile time apart (the first
+    decoding, which compiles the prompt's and a step's shapes), and a speedup over graphed sequential decoding."""
     device = model.lm_head.weight.device
     prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=device,
                            generator=torch.Generator(device=device).manual_seed(0))
     timed = timer(device)
-    rows, reference = [], None
-    for name, plan in {SEQUENTIAL: None, **plans}.items():
-        def run():
-            decoder = Decoder(model, plan, capacity=PROMPT + new_tokens)
-            return decoder.generate(prompt, new_tokens), decoder.results
+    variants = [(model, False, "")]
+    if graphed:
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        variants.append((copy.deepcopy(model).compile_blocks(mode), True, " graphed"))
+    rows, groups, reference = [], [], None
+    for runner, static, suffix in variants:
+        group = []
+        for name, plan in {SEQUENTIAL: None, **plans}.items():
+            def run():
+                decoder = Decoder(runner, plan, capacity=PROMPT + new_tokens, static=static)
+                return decoder.generate(prompt, new_tokens), decoder.results
 
-        with torch.inference_mode():
-            for _ in range(warmup):
-                run()
-            times = [timed(run) / new_tokens for _ in range(repeats)]
-            tokens, results = run()
-        reference = tokens if reference is None else reference
-        row = {"case": f"decode b{batch} {name}", "median_s": statistics.median(times), "min_s": min(times),
-               "max_s": max(times), "token_agreement": float((tokens == reference).float().mean()),
-               **_memory(device),
-               **roofline(model.config, plan, batch, PROMPT + new_tokens / 2, model.dtype.itemsize, rates)}
-        if results:
-            row["result"] = ls.Result.worst(results).name
-        rows.append(row)
-        progress(f"  {row['case']}: {row['median_s'] * 1e3:.2f} ms/token")
-    return _speedups(rows, {"eager": rows[0]["median_s"]})
+            with torch.inference_mode():
+                compile_s = timed(run) if static else None
+                for _ in range(warmup):
+                    run()
+                times = [timed(run) / new_tokens for _ in range(repeats)]
+                tokens, results = run()
+            reference = tokens if reference is None else reference
+            row = {"case": f"decode b{batch} {name}{suffix}", "median_s": statistics.median(times),
+                   "min_s": min(times), "max_s": max(times),
+                   "token_agreement": float((tokens == reference).float().mean()), **_memory(device),
+                   **roofline(model.config, plan, batch, PROMPT + new_tokens / 2, model.dtype.itemsize, rates)}
+            if compile_s is not None:
+                row["compile_s"] = compile_s
+            if results:
+                row["result"] = ls.Result.worst(results).name
+            group.append(row)
+            progress(f"  {row['case']}: {row['median_s'] * 1e3:.2f} ms/token")
+        groups.append(group)
+        rows += group
+    baselines = {"eager": groups[0][0]["median_s"]}
+    if graphed:
+        baselines["graphed"] = groups[1][0]["median_s"]
+    return _speedups(rows, baselines)
 
 
 def _memory(device: torch.device) -> dict:
@@ -265,7 +284,8 @@ def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, 
         for row in group:
             row.update(roofline(cfg, row.pop("plan", None), shape.tokens, context, preset.dtype.itemsize, rates))
     decode = [decode_rows(model, b, preset.new_tokens, {plan_name(p): p for p in decode_plans(shape.layers)},
-                          preset.warmup, preset.repeats, rates, progress) for b in preset.decode_batches]
+                          preset.warmup, preset.repeats, rates, progress, graphed=preset.graphed_decode)
+              for b in preset.decode_batches]
     return {"shape": asdict(shape), "prefill": rows + mhc_rows, "decode": [row for rows_b in decode for row in rows_b]}
 
 
