@@ -132,6 +132,7 @@ def main(argv=None) -> None:
     peer_gpt, peer_idn = import_peer(args.peer)
     results = {"environment": environment(torch.device("cpu")), "repeats": args.repeats,
                "new_tokens": args.new_tokens, "shapes": {}}
+    lines = []
     for layers, width, tokens in SHAPES:
         ours, peer = twin_models(peer_gpt, layers, width, tokens)
         with torch.inference_mode():
@@ -143,15 +144,18 @@ def main(argv=None) -> None:
         rows.update(decode)
         name = f"L{layers} D{width} T{tokens}"
         results["shapes"][name] = rows
-        print(f"\n{name}  (median of {args.repeats}; decode rows per token; ratio = ours / peer, < 1 is faster)")
+        lines += ["", f"{name}  (median of {args.repeats}; decode rows per token; ratio = ours / peer, < 1 is faster)"]
         for case, r in rows.items():
             scale = args.new_tokens if case.startswith("decode") else 1
-            print(f"  {case:<20} ours {r['ours_ms'] / scale:8.2f} ms   peer {r['peer_ms'] / scale:8.2f} ms   "
-                  f"{r['ratio']:.2f}x")
+            lines.append(f"  {case:<26} ours {r['ours_ms'] / scale:8.2f} ms   peer {r['peer_ms'] / scale:8.2f} ms   "
+                         f"{r['ratio']:.2f}x")
+        print("\n".join(lines[-len(rows) - 2:]))
     if args.out:
-        from models.io import write_json
+        from models.io import write_atomic, write_json
         write_json(args.out, results)
-        print(f"wrote {args.out}")
+        table = f"# benchmarks/peer.py\n\n```\n{results['environment']}\n" + "\n".join(lines) + "\n```\n"
+        write_atomic(args.out.with_suffix(".md"), lambda f: f.write(table.encode()))
+        print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -163,8 +163,8 @@ class GPT(nn.Module):
 
     def compile_blocks(self, mode: str | None = None) -> "GPT":
         """Evaluate the blocks of forwards without a KV cache through `torch.compile(block_forward)`: the sequential
-        forward, and the sequential prefix and layer-parallel tail of `snlp.forward` (JVPs stay eager). The
-        embedding, the head and the solver's correction stay eager, so the solver's checks and statistics work
+        forward, and the sequential prefix and layer-parallel tail of `snlp.forward` (JVPs stay eager); and the
+        head. The embedding and the solver's correction stay eager, so the solver's checks and statistics work
         unchanged. Each new shape (tokens, units per call) compiles once, on its first call. mode="reduce-overhead"
         replays CUDA graphs on a GPU; on the CPU it adds nothing. Decoding runs compiled with a static cache
         (`Decoder(..., static=True)`), whose steps all have one shape; with the default dynamic cache every step's
@@ -173,6 +173,9 @@ class GPT(nn.Module):
         # block, the tail's unit counts (and CPU groups), fused chunks, prompt and step shapes pass that quickly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         self.block_forward = torch.compile(block_forward, mode=mode, dynamic=False)
+        # the head too: its softcap over the vocabulary (three passes over B x T x V eagerly) is a fifth to a half
+        # of an eager prefill at these widths
+        self.head = torch.compile(GPT.head.__get__(self), mode=mode, dynamic=False)  # the class's, not an earlier compile
         return self
 
     @torch.no_grad()

@@ -52,6 +52,8 @@ class BlockSystem(ls.LayerSystem):
 
     def _weights(self, units: slice) -> BlockWeights:
         key = units.indices(self.num_layers)[:2]
+        if key == (0, self.num_layers):  # the prepared weights themselves, with their window bounds read once
+            return self.weights
         if key not in self._slices:
             self._slices[key] = self.weights[units]
         return self._slices[key]
