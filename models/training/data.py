@@ -24,9 +24,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from ..io import write_atomic
+from ..progress import progress
 from . import tokenizer as tk
 from .tokenizer import Tokenizer
 
@@ -255,7 +255,7 @@ def _read_cached(path: Path) -> torch.Tensor | None:
 def _encode(corpus: Corpus, tokenizer: Tokenizer) -> torch.Tensor:
     bos = tokenizer.get_bos_token_id()
     parts = []
-    with tqdm(total=corpus.num_bytes, unit="B", unit_scale=True, desc="tokenizing", delay=2, leave=False) as bar:
+    with progress(total=corpus.num_bytes, unit="B", desc="tokenizing", unit_scale=True, delay=2, leave=False) as bar:
         for start in range(0, len(corpus), ENCODE_CHUNK):
             texts = list(corpus.texts[start:start + ENCODE_CHUNK])
             parts += [torch.tensor(ids, dtype=torch.int32) for ids in tokenizer.encode(texts, prepend=bos)]

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .. import nanochat
+from ..progress import progress
 from ..nanochat.gpt import GPT
 from .checkpoint import Resumed, restore, save_checkpoint
 from .config import TrainConfig
@@ -116,10 +115,9 @@ def train(cfg: TrainConfig, data: Data, out_dir: str | Path, resume: bool = Fals
         objective = nn.parallel.DistributedDataParallel(objective)
     validation = data.validation(cfg)
     tokenizer = data.tokenizer  # written with this run's first checkpoint
-    with StopRequests() as stop, tqdm(
-            range(run.step, cfg.steps), initial=run.step, total=cfg.steps, disable=not show_progress or env.rank > 0,
-            desc="train", unit="step", dynamic_ncols=True,
-            mininterval=0.5 if sys.stderr.isatty() else 15.0) as bar:  # a log file gets a line every 15 s
+    with StopRequests() as stop, progress(range(run.step, cfg.steps), initial=run.step, total=cfg.steps,
+                                          disable=not show_progress or env.rank > 0, desc="train",
+                                          unit="step") as bar:
         for step in bar:
             record = train_step(objective, opts, cfg, *next(loader), step)
             metrics["train"].append(asdict(record))
