@@ -15,6 +15,7 @@ from ._guesses import Given, Learned, OneStep, Repeat
 from ._recurrence import (ElementwiseMap, IdentityMap, LinearMap, MatrixMap, OperatorMap, Scan, Sweep, ZeroMap,
                           associative_scan)
 from ._schedule import Parallel, Schedule, Sequential
+from ._surrogate import surrogate_error
 from ._system import LayerSystem
 from .jacobians import GMRES, Dense, Diagonal, Exact, Identity, Jacobian, Mixing, Scaled, Step, Zero
 
@@ -24,6 +25,6 @@ __all__ = [
     "Scan", "Sweep", "Dense", "GMRES",
     "Repeat", "OneStep", "Given", "Learned",
     "Schedule", "Sequential", "Parallel",
-    "Result", "Stats", "Solution", "SolveError",
+    "Result", "Stats", "Solution", "SolveError", "surrogate_error",
     "LinearMap", "ZeroMap", "IdentityMap", "ElementwiseMap", "MatrixMap", "OperatorMap", "associative_scan",
 ]
