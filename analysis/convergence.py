@@ -1,13 +1,20 @@
-"""Convergence curves: error or residual per iteration, one curve per solve, as a record, a table and a plot."""
+"""Convergence of solves, from their `ls.Stats`: the error or residual per iteration (max over layers, one curve
+per solve) as a record, a table and a plot; per layer, as curves and as a layer x iteration heatmap (where the
+front of exact layers shows as a diagonal); and the exact-prefix front against finite termination's guarantee."""
 
 from __future__ import annotations
 
 import math
 from typing import Mapping
 
+import numpy as np
 import torch
 
 import layersolve as ls
+
+from ._plot import SMALL, figure, style
+
+QUANTITIES = ("residual", "error")
 
 
 def _max_per_iterate(x: torch.Tensor | None) -> list[float]:
@@ -50,24 +57,101 @@ def convergence_table(runs: Mapping[str, ls.Stats], quantity: str = "error", col
     return "\n".join(lines)
 
 
+def layer_curves(stats: ls.Stats, quantity: str = "error") -> torch.Tensor:
+    """(iters+1, L) relative `quantity` ("error" or "residual") per iterate (rows) and layer (columns), float64;
+    a NaN row was not evaluated. The stats' own numbers: the per-layer plot and the heatmap draw exactly these."""
+    if quantity not in QUANTITIES:
+        raise ValueError(f"quantity must be one of {QUANTITIES}, got {quantity!r}")
+    values = getattr(stats, quantity)
+    if values is None:
+        raise ValueError("these stats have no error: solve with reference=<the exact trace> to record it")
+    return values.to(torch.float64).clone()
+
+
+def prefix_front(stats: ls.Stats) -> list[tuple[int, int]]:
+    """(k, exact prefix after k iterations) for every iterate. Finite termination guarantees prefix >= min(k, L);
+    a solve that is ahead of that line gained layers from convergence, not only from the exactness front."""
+    return [(k, int(p)) for k, p in enumerate(stats.exact_prefix)]
+
+
+def _positive(values) -> np.ndarray:
+    """The values as a float array with non-positive entries NaN: a log axis cannot show an exact 0."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(values > 0, values, np.nan)
+
+
 def plot_convergence(runs: Mapping[str, ls.Stats], quantity: str = "error", title: str = ""):
     """Semilog plot of `quantity` (max over layers) against iterations, one line per solve: a matplotlib Figure
     (the caller saves it; `models.io.save_figure` writes it atomically)."""
+    fig, [ax] = figure()
+    for name, stats in runs.items():
+        ax.semilogy(_positive(_max_per_iterate(getattr(stats, quantity))), marker="o", markersize=3, label=name)
+    style(ax, "iteration k", f"relative {quantity} (max over layers)", title)
+    return fig
+
+
+def plot_layer_convergence(stats: ls.Stats, quantity: str = "error", title: str = ""):
+    """Left: `quantity` against iterations, one line per layer (coloured by depth) and the max over layers.
+    Right: the last evaluated iterate's value per layer, which shows where in depth the remaining error sits."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    curves = layer_curves(stats, quantity).numpy()
+    fig, (left, right) = figure(ncols=2)
+    cmap = matplotlib.colormaps["viridis"]
+    for layer in range(curves.shape[1]):
+        left.semilogy(_positive(curves[:, layer]), color=cmap(layer / max(curves.shape[1] - 1, 1)), linewidth=1)
+    left.semilogy(_positive(_max_per_iterate(torch.from_numpy(curves))), color="black", linewidth=2, marker="o",
+                  markersize=3, label="max over layers")
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(1, curves.shape[1]), cmap), ax=left)
+    bar.set_label("layer l", fontsize=SMALL)
+    bar.ax.tick_params(labelsize=SMALL)
+    style(left, "iteration k", f"relative {quantity} per layer", title, legend=True)
+    layers = np.arange(1, curves.shape[1] + 1)
+    evaluated = [k for k in range(curves.shape[0]) if not np.isnan(curves[k]).all()]
+    if evaluated:
+        k = evaluated[-1]
+        right.semilogy(layers, _positive(curves[k]), marker="o", markersize=3, label="> 0")
+        exact = layers[curves[k] == 0]
+        if len(exact):  # exact layers have no place on a log axis: marked along its bottom edge
+            right.plot(exact, np.full(len(exact), 0.02), "v", color="C2", transform=right.get_xaxis_transform(),
+                       label="exactly 0")
+        style(right, "layer l", f"relative {quantity} at iteration k={k}", f"last evaluated iterate (k={k})")
+    else:
+        style(right, "layer l", f"relative {quantity}", "no iterate was evaluated")
+    right.set_xlim(0.5, curves.shape[1] + 0.5)
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    return fig
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def plot_heatmap(stats: ls.Stats, quantity: str = "residual", title: str = ""):
+    """log10 of `quantity` over layers (x) and iterations (y, k = 0 at the top). Grey cells are NaN (not
+    evaluated) or exactly 0, which a log scale cannot show."""
+    import matplotlib
+
+    curves = layer_curves(stats, quantity).numpy()
+    with np.errstate(invalid="ignore"):
+        logs = np.log10(_positive(curves))
+    fig, [ax] = figure()
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(logs), aspect="auto", cmap=cmap, interpolation="nearest",
+                      extent=(0.5, curves.shape[1] + 0.5, curves.shape[0] - 0.5, -0.5))
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label(f"log10 relative {quantity} (grey: not evaluated or 0)", fontsize=SMALL)
+    bar.ax.tick_params(labelsize=SMALL)
+    style(ax, "layer l", "iteration k", title)
+    ax.grid(False)
+    return fig
+
+
+def plot_prefix_front(runs: Mapping[str, ls.Stats], title: str = ""):
+    """Exact prefix against iterations, one step line per solve, beside the guarantee min(k, L) of finite
+    termination (L: the deepest of the solves)."""
+    fig, [ax] = figure()
+    last = max((len(s.exact_prefix) for s in runs.values()), default=1) - 1
+    depth = max((s.num_layers for s in runs.values()), default=0)
+    ks = np.arange(last + 1)
+    ax.step(ks, np.minimum(ks, depth), where="post", color="grey", linestyle="--", label="guaranteed: min(k, L)")
     for name, stats in runs.items():
-        curve = _max_per_iterate(getattr(stats, quantity))
-        points = [(k, v) for k, v in enumerate(curve) if not math.isnan(v) and v > 0]
-        if points:
-            ax.semilogy(*zip(*points), marker="o", markersize=3, label=name)
-    ax.set_xlabel("iteration k")
-    ax.set_ylabel(f"max relative {quantity} over layers")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.step(*zip(*prefix_front(stats)), where="post", marker="o", markersize=3, label=name)
+    style(ax, "iteration k", "exact prefix (layers within prefix_tol)", title)
     return fig

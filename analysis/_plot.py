@@ -1,0 +1,35 @@
+"""The house style of every figure: one size (8 x 5 in at 100 dpi, 800 px wide), fonts of at least 9 pt, labelled
+axes with units, a legend only where there are several series. Kept in one place so that the figures of a report
+match, and the tests can check the style once for all of them."""
+
+from __future__ import annotations
+
+FIGSIZE = (8.0, 5.0)
+DPI = 100
+FONT = 10  # axis labels and titles
+SMALL = 9  # ticks, legends, annotations: the smallest text on a figure
+
+
+def figure(ncols: int = 1):
+    """A new figure and its axes (a list of `ncols`), on the Agg backend (plotting never needs a display), with
+    constrained layout so that colour bars and labels of neighbouring axes do not overlap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=FIGSIZE, dpi=DPI, squeeze=False, layout="constrained")
+    return fig, list(axes[0])
+
+
+def style(ax, xlabel: str, ylabel: str, title: str = "", legend: bool | None = None) -> None:
+    """Labels, title, tick sizes and a light grid; a legend when the axes have more than one labelled series
+    (legend=True: for a single one too, where unlabelled lines around it need it named)."""
+    ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.set_ylabel(ylabel, fontsize=FONT)
+    ax.set_title(title, fontsize=FONT)
+    ax.tick_params(labelsize=SMALL)
+    ax.grid(True, which="both", alpha=0.3)
+    _, labels = ax.get_legend_handles_labels()
+    if len(labels) > 1 or (legend and labels):
+        ax.legend(fontsize=SMALL)
