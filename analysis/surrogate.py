@@ -1,6 +1,6 @@
 """The surrogate error: ||J_l - J~_l||_2 per layer for several Jacobian strategies, computed with
 `ls.surrogate_error` at one trace and drawn as grouped bars. The mismatch is what a Newton step over depth
-propagates, so a strategy with smaller bars converges in fewer iterations (docs/math.md)."""
+propagates, so a strategy with smaller bars converges in fewer iterations (docs/math.md eq. (6))."""
 
 from __future__ import annotations
 

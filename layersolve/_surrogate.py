@@ -1,8 +1,8 @@
 """How far a surrogate Jacobian is from the exact one: ||J_l - J~_l||_2 per layer, at the inputs of a trace.
 
-The Newton error over depth propagates through E_l = J_l - J~_l (docs/math.md): a surrogate whose mismatch has a
-small spectral norm keeps the error it passes on small, so this norm says in advance how fast a strategy can
-converge on a model, without running a solve. It is estimated matrix-free, by power iteration on E_l^T E_l:
+The Newton error over depth propagates through E_l = J_l - J~_l (docs/math.md eq. (6)): a surrogate whose
+mismatch has a small spectral norm keeps the error it passes on small, so this norm says in advance how fast a
+strategy can converge on a model, without running a solve. It is estimated matrix-free, by power iteration on E_l^T E_l:
 E_l u from one batched JVP of every layer minus the strategy's `LinearMap`, E_l^T v by reverse-mode autograd
 through that same linear map u -> E_l u. Every layer is handled in one batched call per iteration.
 """

@@ -104,7 +104,8 @@ def test_mixing_on_a_stream_state():
     """On (S, D) states the mixing surrogate is M_l (x) I_D. The branch mixes the streams too (B_l), so the
     mismatch has no block structure, whose tied singular values would slow the power iteration."""
     streams, g = 3, torch.Generator().manual_seed(3)
-    params = {"m": doubly_stochastic(L, streams, seed=3), "b": torch.randn(L, streams, streams, generator=g, dtype=DTYPE),
+    params = {"m": doubly_stochastic(L, streams, seed=3),
+              "b": torch.randn(L, streams, streams, generator=g, dtype=DTYPE),
               "w": torch.randn(L, N, N, generator=g, dtype=DTYPE) / 2}
     system = ls.LayerSystem.from_function(lambda p, h: p["m"] @ h + 0.3 * torch.tanh(p["b"] @ h @ p["w"].T), params,
                                           mixing=params["m"], stream_dim=0)
