@@ -7,7 +7,7 @@ import torch
 
 import layersolve as ls
 from models import nanochat, snlp
-from models.tools import bench, cli
+from models.tools import bench, claims, cli
 from models.tools.names import STRATEGIES, n_par_configs, plan_name, strategy
 
 
@@ -51,10 +51,10 @@ def test_train_flags_take_the_default_tail_lengths():
     assert reg.n_par_configs == (2, 4, 6) and reg.jacobian == ls.Diagonal(probes=3)
 
 
-def test_there_are_no_stub_commands(capsys):
+def test_an_unknown_command_is_refused(capsys):
     with pytest.raises(SystemExit) as info:
-        cli.main(["study"])
-    assert info.value.code == 2 and "invalid choice: 'study'" in capsys.readouterr().err
+        cli.main(["serve"])
+    assert info.value.code == 2 and "invalid choice: 'serve'" in capsys.readouterr().err
 
 
 SMALL = ["--steps", "4", "--depth", "4", "--width", "64", "--seq-len", "32", "--vocab-size", "512",
@@ -124,12 +124,48 @@ def test_bad_corpus_and_vocabulary(trained_run, tmp_path, capsys):
     assert "has 300 tokens but the model's vocab_size is 512" in capsys.readouterr().err
 
 
-def test_demo_pipeline_on_a_small_config(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), *SMALL]) == 0
-    report = json.loads((tmp_path / "demo.json").read_text())
+def test_demo_pipeline_on_a_small_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), *SMALL]) == 0
+    report = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert set(report["models"]) == {"baseline", "idn-regularized"}
     grid = report["models"]["baseline"]["grid"]
-    assert "IDN n2 K4 repeat" in grid and "Jacobi n2 K1 repeat" in grid
-    assert "n_par_configs=(1, 2)" in report["regularizer"]  # L/4 and L/2 of 4 layers
-    for name in ("report.md", "convergence.png", "frontier.png"):
-        assert (tmp_path / name).stat().st_size > 100
+    assert {"IDN n2 K2 repeat", "Jacobi n2 K1 repeat", "IDN n2 K1 one_step", "IDN n4 K1 repeat"} <= set(grid)
+    assert "n_par_configs=(1, 2)" in report["about"]["regularizer"]  # L/4 and L/2 of 4 layers
+    assert [row["claim"] for row in report["claims"]] == [row["claim"] for row in claims.assess(report)]
+    assert not any(run["reused"] for run in report["about"]["runs"].values())
+    for name in ("report.md", *report["figures"]):
+        assert (tmp_path / "demo" / name).stat().st_size > 100
+    text = (tmp_path / "demo" / "report.md").read_text()
+    assert text.count("| ") > 5 * 5 and "![frontier.png](frontier.png)" in text
+    # Again: both runs are reused (same config, data and code), and the study gives the same grid.
+    assert cli.main(["demo", "--out", str(tmp_path / "again"), *SMALL]) == 0
+    again = json.loads((tmp_path / "again" / "demo.json").read_text())
+    assert all(run["reused"] for run in again["about"]["runs"].values())
+    assert again["models"]["baseline"]["grid"]["IDN n2 K1 repeat"]["quality"] == grid["IDN n2 K1 repeat"]["quality"]
+    # Another config is another run.
+    assert cli.main(["demo", "--out", str(tmp_path / "other"), *SMALL, "--seed", "1"]) == 0
+    other = json.loads((tmp_path / "other" / "demo.json").read_text())
+    assert not any(run["reused"] for run in other["about"]["runs"].values())
+
+
+def test_study_on_any_checkpoint(trained_run, tmp_path, capsys):
+    assert cli.main(["study", str(trained_run), "--out", str(tmp_path / "s"), "--max-tokens", "1024"]) == 0
+    results = json.loads((tmp_path / "s" / "study.json").read_text())
+    rows = {row["claim"]: row for row in results["claims"]}
+    assert rows["Regularization: little or no cost in sequential PPL, a smaller K = 1 gap"]["agrees"] is None
+    assert "training.png" in results["figures"] and (tmp_path / "s" / "report.md").exists()
+    assert "[not assessed] Regularization" in capsys.readouterr().out
+    baseline = tmp_path / "base"
+    baseline.mkdir()
+    for f in trained_run.glob("*_000004.*"):
+        (baseline / f.name).write_bytes(f.read_bytes())
+    (baseline / "tokenizer").mkdir()
+    for f in (trained_run / "tokenizer").iterdir():
+        (baseline / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    assert cli.main(["study", str(trained_run), "--baseline", str(baseline), "--out", str(tmp_path / "b"),
+                     "--max-tokens", "1024"]) == 0
+    results = json.loads((tmp_path / "b" / "study.json").read_text())
+    assert list(results["models"]) == ["base", trained_run.name] and results["baseline"] == "base"
+    assert cli.main(["study", str(trained_run), "--baseline", str(trained_run)]) == 2
+    assert "same directory name" in capsys.readouterr().err

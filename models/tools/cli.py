@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "evaluate Jacobi / IDN, write a report with plots")
     demo.add_argument("--out", type=Path, default=Path("snlp-out/demo"))
     demo.add_argument("--toy", action="store_true", help="only the quick layersolve demo on a random residual stack")
+    demo.add_argument("--quick", action="store_true",
+                      help="the whole story at toy size (the quick preset, under 2 minutes on a 2-core CPU)")
     _model_flags(demo)
     demo.add_argument("--reg-lambda", type=float, default=1.0)
 
@@ -126,6 +128,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ar-new", type=int, default=16)
     ev.add_argument("--out", type=Path, help="JSON path (default: <checkpoint>/eval.json)")
 
+    study = sub.add_parser("study", help="the convergence study, figures and claims report of snlp demo, on any "
+                                         "checkpoint")
+    study.add_argument("checkpoint", type=Path, help="a run directory (model_*.pt, meta_*.json, tokenizer/)")
+    study.add_argument("--baseline", type=Path,
+                       help="an unregularized run of the same shape, for the regularization claim")
+    study.add_argument("--corpus", help="validation text (default: the embedded Shakespeare's validation plays)")
+    study.add_argument("--context", type=int, help="tokens per sequence (default: the model's sequence_len)")
+    study.add_argument("--batch-size", type=int, default=8)
+    study.add_argument("--max-tokens", type=int, default=16384)
+    study.add_argument("--out", type=Path, help="directory for report.md, study.json and the figures (default: "
+                                                "<checkpoint>/study)")
+
     gen = sub.add_parser("generate", help="sample from a checkpoint, sequentially or with SNLP decoding")
     gen.add_argument("checkpoint", type=Path)
     gen.add_argument("--prompt", default="ROMEO.")
@@ -154,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"demo": _demo, "train": _train, "eval": _eval, "generate": _generate, "bench": _bench}[args.command](args)
+        return {"demo": _demo, "train": _train, "eval": _eval, "study": _study, "generate": _generate,
+                "bench": _bench}[args.command](args)
     except (ValueError, FileNotFoundError, ls.SolveError) as err:  # bad input: the message, not a traceback
         print(f"snlp {args.command}: {err}", file=sys.stderr)
         return 2
@@ -168,6 +183,8 @@ def _demo(args) -> int:
         width = args.width or 32
         demo.run_toy(args.out, demo.ToyConfig(layers=args.depth or 24, width=width, seed=args.seed or 0))
         return 0
+    if args.quick:
+        args.preset = "quick"
     cfg = train_config(args)
     regularizer = Regularizer(ls.Identity(), n_par_configs(cfg.model.n_layer, quarters=(1, 2)), stride=1)
     demo.run_models(args.out, cfg, regularizer, args.reg_lambda, CACHE)
@@ -214,13 +231,10 @@ def _load_run(directory: Path, step=None):
 def _eval(args) -> int:
     from ..training import evaluate
     from ..inference import snlp
-    from ..training.data import load_corpus, token_stream
 
     model, tokenizer = _load_run(args.checkpoint, args.step)
-    _, val_text = load_corpus(args.corpus).split()
-    context = args.context or model.config.sequence_len
-    val = evaluate.Validation(token_stream(val_text, tokenizer, CACHE), tokenizer.token_bytes(), args.batch_size,
-                              context, args.max_tokens)
+    val = _validation(args, model, tokenizer)
+    context = val.seq_len
     L = model.config.n_layer
     plans = [snlp.Plan(n_par=n, jacobian=strategy(s), iters=k, init=i, fuse=f)
              for s in args.strategies for n in (args.n_par or [L // 2]) for k in args.iters for i in args.inits
@@ -240,6 +254,47 @@ def _eval(args) -> int:
     for name, rate in results.get("autoregressive_agreement", {}).items():
         print(f"autoregressive agreement, {name}: {rate:.3f}")
     print(f"wrote {out}")
+    return 0
+
+
+def _validation(args, model, tokenizer):
+    """The validation split of --corpus (default: the embedded plays) at --context tokens per sequence."""
+    from ..training.data import load_corpus, token_stream
+    from ..training.evaluate import Validation
+
+    _, val_text = load_corpus(args.corpus).split()
+    return Validation(token_stream(val_text, tokenizer, CACHE), tokenizer.token_bytes(), args.batch_size,
+                      args.context or model.config.sequence_len, args.max_tokens)
+
+
+def _study(args) -> int:
+    import json
+
+    from . import study
+
+    runs = {args.checkpoint.name: args.checkpoint}
+    if args.baseline is not None:
+        if args.baseline.name == args.checkpoint.name:
+            raise ValueError("--baseline and the checkpoint have the same directory name; their rows would clash")
+        runs = {args.baseline.name: args.baseline, **runs}
+    models, training = {}, {}
+    for name, directory in runs.items():
+        models[name], tokenizer = _load_run(directory)
+        if (directory / "metrics.json").exists():
+            training[name] = json.loads((directory / "metrics.json").read_text())
+    model = models[args.checkpoint.name]
+    for name, other in models.items():
+        if (other.config.n_layer, other.config.vocab_size) != (model.config.n_layer, model.config.vocab_size):
+            raise ValueError(f"--baseline {args.baseline} has {other.config.n_layer} layers and "
+                             f"{other.config.vocab_size} tokens, {args.checkpoint} {model.config.n_layer} and "
+                             f"{model.config.vocab_size}: compare runs of one shape and tokenizer")
+    out = args.out or args.checkpoint / "study"
+    about = {"checkpoint": str(args.checkpoint), "baseline": None if args.baseline is None else str(args.baseline)}
+    baseline = None if args.baseline is None else args.baseline.name
+    results = study.run(models, _validation(args, model, tokenizer), out, baseline=baseline, training=training,
+                        about=about)
+    print("\n" + study.summary(results))
+    print(f"wrote {out / 'report.md'}, study.json and {', '.join(results['figures'])}")
     return 0
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 import layersolve as ls
-from analysis import convergence_record, convergence_table, plot_convergence, plot_frontier
+from analysis import convergence_record, convergence_table, plot_convergence
 
 from ..io import save_figure, write_json
-from .names import plan_name
+from . import study
 
 
 @dataclass(frozen=True)
@@ -76,65 +76,35 @@ def run_toy(out_dir: Path, cfg: ToyConfig = ToyConfig(), tol: float = 1e-10) -> 
     return results
 
 
-def demo_plans(n_layer: int) -> list:
-    from ..inference import snlp
-
-    half = n_layer // 2
-    return [snlp.Plan(n_par=half, jacobian=j, iters=k) for j in (ls.Zero(), ls.Identity()) for k in (1, 2, 4)]
-
-
-def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Path) -> dict:
-    """Train both models (cfg: a TrainConfig), evaluate the grid on the validation plays, write report.md,
-    demo.json and the plots into out_dir."""
+def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Path,
+               study_cfg: study.StudyConfig = study.StudyConfig(), progress=print) -> dict:
+    """Train both models (cfg: a TrainConfig; each run reused from cache_dir when its config, data and code are
+    unchanged), then study them on the validation plays (`study.run`): demo.json, report.md and the figures in
+    out_dir."""
     import dataclasses
 
+    from .. import nanochat
     from ..training import evaluate
-    from ..inference import snlp
-    from ..training.loop import Data, train
+    from ..training.loop import Data
+    from ..training.runs import cached_run
 
     data = Data.prepare(None, cfg.model.vocab_size, cache_dir)
     validation = data.validation(cfg)
     unigram = evaluate.unigram_loss(data.train, validation)
-    runs = {"baseline": cfg, "idn-regularized": dataclasses.replace(cfg, regularizer=regularizer,
-                                                                     reg_lambda=reg_lambda)}
-    report = {"train_config": cfg.to_dict(), "regularizer": repr(regularizer), "reg_lambda": reg_lambda,
-              "unigram_loss": unigram, "unigram_ppl": math.exp(unigram), "models": {}}
-    convergence = {}
-    for name, run_cfg in runs.items():
-        print(f"== training {name} ({run_cfg.steps} steps)", flush=True)
-        metrics = train(run_cfg, data, out_dir / name)
-        data.tokenizer.save(out_dir / name / "tokenizer")
-        from .. import nanochat
-
-        model = nanochat.load(out_dir / name).eval()
-        print(f"== evaluating {name}", flush=True)
-        rows = evaluate.grid(model, validation, {plan_name(p): p for p in demo_plans(model.config.n_layer)})
-        report["models"][name] = {"final_train_loss": metrics["train"][-1]["ce"], "evals": metrics["evals"],
-                                  "grid": rows}
-        x, _ = next(iter(validation.batches()))
-        half = model.config.n_layer // 2
-        for label, jac in (("Jacobi", ls.Zero()), ("IDN", ls.Identity())):
-            plan = snlp.Plan(n_par=half, jacobian=jac, iters=half)
-            _, exact = snlp.sequential_trace(model, x, plan)
-            with torch.no_grad():
-                stats = snlp.forward(model, x, plan, throw=False, reference=exact).stats
-            convergence[f"{name}: {label}"] = stats
-    write_json(out_dir / "demo.json", report)
-    save_figure(plot_convergence(convergence, title="last-half solve vs the sequential trace (one batch)"),
-                out_dir / "convergence.png")
-    save_figure(plot_frontier({name: m["grid"] for name, m in report["models"].items()}), out_dir / "frontier.png")
-    text = _report_text(report)
-    (out_dir / "report.md").write_text(text)
-    print("\n" + text)
-    print(f"wrote {out_dir / 'report.md'}, demo.json, convergence.png, frontier.png")
-    return report
-
-
-def _report_text(report: dict) -> str:
-    from ..training.evaluate import grid_table
-
-    lines = ["# SNLP demo: baseline vs IDN-regularized on the embedded Shakespeare corpus", "",
-             f"unigram baseline: loss {report['unigram_loss']:.3f}, ppl {report['unigram_ppl']:.1f}", ""]
-    for name, model in report["models"].items():
-        lines += [f"## {name}", "", "```", grid_table(model["grid"]), "```", ""]
-    return "\n".join(lines)
+    configs = {"baseline": cfg, "idn-regularized": dataclasses.replace(cfg, regularizer=regularizer,
+                                                                        reg_lambda=reg_lambda)}
+    models, training, runs = {}, {}, {}
+    for name, run_cfg in configs.items():
+        progress(f"== {name}: training {run_cfg.steps} steps (or reusing an identical run)")
+        directory, metrics, reused = cached_run(run_cfg, data, cache_dir, name)
+        progress(f"== {name}: {'reused' if reused else 'trained'} {directory}")
+        models[name], training[name] = nanochat.load(directory).eval(), metrics
+        runs[name] = {"directory": str(directory), "reused": reused, "final_train_loss": metrics["train"][-1]["ce"],
+                      "evals": metrics["evals"]}
+    about = {"train_config": cfg.to_dict(), "regularizer": repr(regularizer), "reg_lambda": reg_lambda,
+             "unigram_loss": unigram, "unigram_ppl": math.exp(unigram), "runs": runs}
+    results = study.run(models, validation, out_dir, baseline="baseline", training=training, cfg=study_cfg,
+                        about=about, name="demo", progress=progress)
+    progress("\n" + study.summary(results))
+    progress(f"wrote {out_dir / 'report.md'}, demo.json and {', '.join(results['figures'])}")
+    return results

@@ -54,6 +54,10 @@ PRESETS = {
     "tiny": TrainConfig(model=GPTConfig(sequence_len=128, vocab_size=2048, n_layer=8, n_head=2, n_kv_head=2,
                                         n_embd=128), steps=250, batch_size=16, warmup_steps=20, eval_every=50,
                         eval_tokens=16384),
+    # `snlp demo --quick`: the whole story at toy size, both models in well under a minute on a 2-core CPU.
+    "quick": TrainConfig(model=GPTConfig(sequence_len=64, vocab_size=512, n_layer=6, n_head=1, n_kv_head=1,
+                                         n_embd=64), steps=200, batch_size=16, warmup_steps=10, eval_every=50,
+                         eval_tokens=4096),
     # nanochat's d12 and the SNLP paper's 0.5B shape (depth 32, aspect 20: dim 640) for GPUs.
     "d12": TrainConfig(model=gpu_model(12), steps=5000, batch_size=32, warmup_steps=40, eval_every=250,
                        eval_tokens=2**20),
