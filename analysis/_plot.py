@@ -22,9 +22,14 @@ def figure(ncols: int = 1):
     return fig, list(axes[0])
 
 
-def style(ax, xlabel: str, ylabel: str, title: str = "", legend: bool | None = None) -> None:
+def style(ax, xlabel: str, ylabel: str, title: str = "", legend: bool | None = None, integer: str = "") -> None:
     """Labels, title, tick sizes and a light grid; a legend when the axes have more than one labelled series
-    (legend=True: for a single one too, where unlabelled lines around it need it named)."""
+    (legend=True: for a single one too, where unlabelled lines around it need it named); integer ticks on the
+    axes named in `integer` ("x", "y", "xy"), for iterations and layers, which have no halves."""
+    from matplotlib.ticker import MaxNLocator
+
+    for name in integer:
+        getattr(ax, f"{name}axis").set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel, fontsize=FONT)
     ax.set_ylabel(ylabel, fontsize=FONT)
     ax.set_title(title, fontsize=FONT)

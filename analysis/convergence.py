@@ -86,7 +86,7 @@ def plot_convergence(runs: Mapping[str, ls.Stats], quantity: str = "error", titl
     fig, [ax] = figure()
     for name, stats in runs.items():
         ax.semilogy(_positive(_max_per_iterate(getattr(stats, quantity))), marker="o", markersize=3, label=name)
-    style(ax, "iteration k", f"relative {quantity} (max over layers)", title)
+    style(ax, "iteration k", f"relative {quantity} (max over layers)", title, integer="x")
     return fig
 
 
@@ -105,7 +105,7 @@ def plot_layer_convergence(stats: ls.Stats, quantity: str = "error", title: str 
     bar = fig.colorbar(matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(1, curves.shape[1]), cmap), ax=left)
     bar.set_label("layer l", fontsize=SMALL)
     bar.ax.tick_params(labelsize=SMALL)
-    style(left, "iteration k", f"relative {quantity} per layer", title, legend=True)
+    style(left, "iteration k", f"relative {quantity} per layer", title, legend=True, integer="x")
     layers = np.arange(1, curves.shape[1] + 1)
     evaluated = [k for k in range(curves.shape[0]) if not np.isnan(curves[k]).all()]
     if evaluated:
@@ -115,11 +115,11 @@ def plot_layer_convergence(stats: ls.Stats, quantity: str = "error", title: str 
         if len(exact):  # exact layers have no place on a log axis: marked along its bottom edge
             right.plot(exact, np.full(len(exact), 0.02), "v", color="C2", transform=right.get_xaxis_transform(),
                        label="exactly 0")
-        style(right, "layer l", f"relative {quantity} at iteration k={k}", f"last evaluated iterate (k={k})")
+        style(right, "layer l", f"relative {quantity} at iteration k={k}", f"last evaluated iterate (k={k})",
+              integer="x")
     else:
-        style(right, "layer l", f"relative {quantity}", "no iterate was evaluated")
+        style(right, "layer l", f"relative {quantity}", "no iterate was evaluated", integer="x")
     right.set_xlim(0.5, curves.shape[1] + 0.5)
-    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     return fig
 
 
@@ -138,7 +138,7 @@ def plot_heatmap(stats: ls.Stats, quantity: str = "residual", title: str = ""):
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(f"log10 relative {quantity} (grey: not evaluated or 0)", fontsize=SMALL)
     bar.ax.tick_params(labelsize=SMALL)
-    style(ax, "layer l", "iteration k", title)
+    style(ax, "layer l", "iteration k", title, integer="xy")
     ax.grid(False)
     return fig
 
@@ -153,5 +153,5 @@ def plot_prefix_front(runs: Mapping[str, ls.Stats], title: str = ""):
     ax.step(ks, np.minimum(ks, depth), where="post", color="grey", linestyle="--", label="guaranteed: min(k, L)")
     for name, stats in runs.items():
         ax.step(*zip(*prefix_front(stats)), where="post", marker="o", markersize=3, label=name)
-    style(ax, "iteration k", "exact prefix (layers within prefix_tol)", title)
+    style(ax, "iteration k", "exact prefix (layers within prefix_tol)", title, integer="xy")
     return fig

@@ -92,8 +92,9 @@ def pareto_front(points: Iterable[FrontierPoint], lower_is_better: bool = True) 
 
 def plot_frontier(points: Sequence[FrontierPoint], quality_label: str = "validation perplexity",
                   baseline: str = "sequential", lower_is_better: bool = True, title: str = ""):
-    """Quality against speedup, one colour per group, each point named; failed solves as crosses; the Pareto front
-    of each group as a line; the sequential point at 1.0x on a dotted line. Unmeasured points are counted in a
+    """Quality against speedup, one colour per group; failed solves as crosses; the Pareto front of each group as
+    a line, its plans and the failed ones named (naming every plan buries the front under overlapping names; the
+    rest are in the caller's table); the sequential point at 1.0x on a dotted line. Unmeasured points are counted in a
     note, not drawn. A log quality axis when the values span more than a factor 10."""
     fig, [ax] = figure()
     groups = list(dict.fromkeys(p.group for p in points))
@@ -107,12 +108,13 @@ def plot_frontier(points: Sequence[FrontierPoint], quality_label: str = "validat
             if chosen:
                 ax.scatter([p.speedup for p in chosen], [p.quality for p in chosen], color=color, marker=marker,
                            label=prefix + kind)
+        front = pareto_front(mine, lower_is_better)
         for p in mine:
             if p.name == SEQUENTIAL:
                 ax.scatter([p.speedup], [p.quality], color=color, marker="*", s=150, zorder=3,
                            label=prefix + SEQUENTIAL)
-            ax.annotate(p.name, (p.speedup, p.quality), fontsize=SMALL, xytext=(4, 3), textcoords="offset points")
-        front = pareto_front(mine, lower_is_better)
+            elif p in front or not p.ok:
+                ax.annotate(p.name, (p.speedup, p.quality), fontsize=SMALL, xytext=(4, 3), textcoords="offset points")
         if len(front) > 1:
             ax.plot([p.speedup for p in front], [p.quality for p in front], color=color, linewidth=1.5, alpha=0.6,
                     label=prefix + "Pareto front")

@@ -137,6 +137,9 @@ def test_plot_heatmap():
     assert image.get_extent() == [0.5, 3.5, 3.5, -0.5]  # columns at layers 1..3, rows at k = 0..3 from the top
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("layer l", "iteration k")
     assert "log10 relative residual" in fig.axes[1].get_ylabel()
+    fig.canvas.draw()
+    for ticks in (ax.get_xticks(), ax.get_yticks()):  # layers and iterations have no halves
+        assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks
     check_style(fig)
 
 
@@ -250,7 +253,9 @@ def test_plot_frontier():
     np.testing.assert_array_equal(base_front.get_xdata(), [1.0, 1.4, 1.8])
     offsets = [c.get_offsets() for c in ax.collections]
     assert sum(len(o) for o in offsets) == 5 + 2  # every measured point once: 5 of base (one unmeasured), 2 of reg
-    assert len(ax.texts) == 7 + 1  # a name per point, and the note of the unmeasured one
+    named = [t.get_text() for t in ax.texts[:-1]]  # the fronts' plans and the failed solves; then the note
+    assert sorted(named) == sorted(["IDN n4 K2 repeat", "IDN n4 K1 repeat", "IDN n4 K1 repeat"]
+                                   + [p.name for p in points if not p.ok and p.measured]), named
     assert "1 plan(s) without a measured speedup or quality not shown" in ax.texts[-1].get_text()
     assert ax.get_yscale() == "linear"  # 10 .. 40: within a factor 10
     assert ax.get_xlabel() == "speedup over sequential (x, baseline: sequential)"
