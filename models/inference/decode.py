@@ -42,6 +42,7 @@ class Decoder:
         self.stats: list[ls.Stats] = []
         self.results: list[ls.Result] = []  # how each step's solve ended
         self.last_trace = None  # with init="warm": the previous step's final tail trace at its last token
+        self.last_prefix: list[torch.Tensor] = []  # with a plan: the last step's prefix trace
 
     @torch.no_grad()
     def step(self, idx: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,7 @@ class Decoder:
             if self.plan.init == WARM:
                 self.last_trace = sol.trace[..., -1:, :]  # (C+1, *state) at the last token: T is dim -2
             logits = tail.logits(model, sol.trace)
+            self.last_prefix = tail.prefix  # h_0 .. h_start of these tokens (what speculative decoding shares)
         self.position += idx.shape[1]
         self.previous = emb.last_embedding
         return logits
@@ -112,15 +114,22 @@ class Decoder:
         return ls.Given(self.last_trace.expand(*self.last_trace.shape[:-2], tokens, self.last_trace.shape[-1]))
 
 
+def distribution(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Next-token probabilities (B, V) in float32 from last-position logits (B, V): one-hot at the argmax at
+    temperature 0, else the softmax at the temperature over the top_k largest logits (all when top_k is 0 or None)."""
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:
     """Next tokens (B,) from last-position logits (B, V): argmax at temperature 0, else top-k sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return torch.multinomial(distribution(logits, temperature, top_k), 1, generator=generator)[:, 0]
 
 
 def generate(model: GPT, prompt: torch.Tensor, max_new: int, plan: Plan | None = None, temperature: float = 0.0,
