@@ -33,8 +33,8 @@ import os
 
 n_layer = 6
 n_embd = 64
-steps = 40  # training steps of each model; a few hundred give a better model (and take minutes)
-batch_size = 8
+steps = 30  # training steps of each model; a few hundred give a better model (and take minutes)
+batch_size = 4
 reg_lambda = 1.0
 tol = 1e-10  # every solve runs (in float64) to this relative residual, or to finite termination
 seed = 0
@@ -92,7 +92,7 @@ print(analysis.convergence_table(runs, "error"))
 # there: exact Newton converges quadratically in a few iterations; the identity-based surrogates (IDN, Scaled) come
 # next, linearly, and on the regularized model, trained for exactly that, their error falls faster after the first
 # iterations (compare the columns k = 3 .. 5); Jacobi is slowest, its error barely moves before the front arrives.
-# (At the default 40 training steps both models are barely trained; more `steps` widen the gap.)
+# (At the default 30 training steps both models are barely trained; more `steps` widen the gap.)
 
 # %%
 analysis.plot_convergence(runs, "error", title="error against the sequential trace (max over layers)")

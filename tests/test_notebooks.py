@@ -1,13 +1,12 @@
 """The tutorial notebooks (notebooks/*.py, jupytext percent format) run top to bottom in a real Jupyter kernel.
 
 Each notebook is read with jupytext and executed by nbclient in a fresh ipykernel, with a temporary working
-directory; SNLP_NOTEBOOK_OUT points the notebooks' caches and any files they write at that directory, never the
-repository. A cell that raises fails its test. The default (small) settings of every notebook's `parameters` cell
-are what runs here."""
+directory, and SNLP_CACHE (tokenizer, token streams, trained runs) points at a temporary directory shared by the
+run, never the repository. A cell that raises fails its test. The default (small) settings of every notebook's
+`parameters` cell are what runs here."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -22,6 +21,18 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.py"))
 TIMEOUT = 240  # seconds per cell: far above any default setting's runtime, but a hung kernel still fails
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One SNLP_CACHE for every notebook of the run: 01 and 02 train the same tiny models, and 02 reuses 01's runs
+    (cached by config, data and code version) instead of training them again."""
+    return tmp_path_factory.mktemp("snlp-cache")
+
+
+def test_there_are_notebooks():
+    assert [p.name for p in NOTEBOOKS] == ["01_convergence.py", "02_frontier.py", "03_hyperconnections.py",
+                                          "04_your_model.py"]
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_percent_format_round_trips_with_a_parameters_cell(path):
     text = path.read_text()
@@ -33,8 +44,8 @@ def test_percent_format_round_trips_with_a_parameters_cell(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("SNLP_NOTEBOOK_OUT", str(tmp_path))  # the kernel inherits this process's environment
+def test_notebook_executes(path, tmp_path, shared_cache, monkeypatch):
+    monkeypatch.setenv("SNLP_CACHE", str(shared_cache))  # the kernel inherits this process's environment
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     nb = jupytext.read(path)
     before = _repository_files()
