@@ -123,8 +123,8 @@ analysis.plot_frontier(points, quality_label="validation bits per byte", title="
 #
 # - quality: on the baseline, few iterations cost Jacobi much more than IDN; the IDN-regularized model, trained for
 #   one-iteration solves, loses almost nothing under any plan. An approximate forward is a slightly different
-#   model, and on models this barely trained (30 steps) it can even score a hair better than the sequential one: noise, not
-#   a gain;
+#   model, and on models this barely trained (30 steps) it can even score a hair better than the sequential one:
+#   noise, not a gain;
 # - timings of tiny forwards on a shared CPU are noisy (rerun, or raise `repeats`);
 # - speed: on this toy model on a CPU, a parallel evaluation of several blocks costs about as much as running them,
 #   so speedups stay near or below 1x; the shape of the trade-off is the point here. On a GPU, where the parallel
