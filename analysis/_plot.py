@@ -11,14 +11,13 @@ SMALL = 9  # ticks, legends, annotations: the smallest text on a figure
 
 
 def figure(ncols: int = 1):
-    """A new figure and its axes (a list of `ncols`), on the Agg backend (plotting never needs a display), with
-    constrained layout so that colour bars and labels of neighbouring axes do not overlap."""
-    import matplotlib
+    """A new figure and its axes (a list of `ncols`), with constrained layout so that colour bars and labels of
+    neighbouring axes do not overlap. A bare `Figure`, outside pyplot: it needs no display and leaves the
+    caller's backend alone (a notebook's inline figures keep working), and Jupyter shows it as an image."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=FIGSIZE, dpi=DPI, squeeze=False, layout="constrained")
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)
     return fig, list(axes[0])
 
 

@@ -38,7 +38,8 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
-    """Save a matplotlib figure atomically (format from the suffix, png by default) and close it."""
+    """Save a matplotlib figure atomically (format from the suffix, png by default) and close it (a pyplot
+    figure's window and memory; a bare Figure has none)."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
