@@ -69,32 +69,45 @@ def timer(device: torch.device):
 @torch.inference_mode()
 def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: int = 2, repeats: int = 5,
                  progress=print) -> list[dict]:
-    """Time the eager sequential forward (the first row, "sequential") and every named plan. Quality columns compare
-    each plan's logits with the sequential forward's; a plan's row carries "result", the name of its solve's
-    `ls.Result` (a solve that does not end ok keeps its row and its timing, but its logits are not the model's),
-    and "plan", the plan object (for the caller's work model; not JSON)."""
+    """Time the eager sequential forward (the first row, "sequential") and every named plan. Repeats are
+    interleaved over the cases (one call of each in turn), so that a drift in the machine's speed (other work,
+    clock changes) falls on every case alike, not on whichever ran then. Quality columns compare each plan's
+    logits with the sequential forward's; a plan's row carries "result", the name of its solve's `ls.Result` (a
+    solve that does not end ok keeps its row and its timing, but its logits are not the model's), and "plan", the
+    plan object (for the caller's work model; not JSON)."""
     if SEQUENTIAL in plans:
         raise ValueError(f"plans: the name {SEQUENTIAL!r} is the sequential forward's row; name the plan otherwise")
     timed = timer(idx.device)
     reference = model(idx)
-    rows = []
-    for name, plan in {SEQUENTIAL: None, **plans}.items():
+    cases = {SEQUENTIAL: None, **plans}
+
+    def caller(plan):
         def call():
             if plan is None:
                 return model(idx), None
             out = snlp.forward(model, idx, plan, throw=False)
             return out.logits, out.result
+        return call
 
+    calls = {name: caller(plan) for name, plan in cases.items()}
+    for call in calls.values():
         for _ in range(warmup):
             call()
-        times = [timed(call) for _ in range(repeats)]
-        logits, result = call()
-        row = {"case": name, "plan": plan, "median_s": statistics.median(times), "min_s": min(times),
-               "max_s": max(times), "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(timed(call))
+    rows = []
+    for name, plan in cases.items():
+        if idx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(idx.device)
+        logits, result = calls[name]()
+        row = {"case": name, "plan": plan, "median_s": statistics.median(times[name]), "min_s": min(times[name]),
+               "max_s": max(times[name]),
+               "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
                "max_abs_logit_diff": float((logits.float() - reference.float()).abs().max())}
         if idx.device.type == "cuda":
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(idx.device)
-            torch.cuda.reset_peak_memory_stats(idx.device)
         if result is not None:
             row["result"] = result.name
         rows.append(row)
@@ -143,11 +156,29 @@ def table(results: dict) -> str:
                     + f" {'' if quality is None else f'{quality:.3f}':>9} {'' if diff is None else f'{diff:.1e}':>11}"
                     f" {r['bound_s'] / r['median_s'] if 'bound_s' in r else float('nan'):>7.0%}  {_outcome(r)}")
                 any_failed |= failed(r)
+        if shape.get("speculative"):
+            lines += ["", f"speculative decoding: L{s['layers']} D{s['width']}, batch 1", *speculative_table(
+                shape["speculative"])]
     if any_failed:
         lines.append(FAILED_NOTE)
     lines.append("x eager / x compiled: speedup over the eager / compiled sequential path; roofline: the row's "
                  "time bound (FLOPs / matmul rate, bytes / copy rate) over its measured time")
     return "\n".join(lines)
+
+
+def speculative_table(rows: list[dict]) -> list[str]:
+    """Lines of speculative rows (speculation.speculative_rows): time per token, tokens/s, acceptance, tokens per
+    round, speedup over sequential decoding at the same temperature, and at temperature 0 whether the tokens are
+    sequential greedy decoding's."""
+    lines = [f"{'case':<40} {'ms/tok':>8} {'spread':>15} {'tok/s':>8} {'accept':>7} {'tok/rnd':>7} {'x seq':>7}"
+             f"  = greedy"]
+    for r in rows:
+        accept, length, equal = r["acceptance_rate"], r["mean_accepted_length"], r["greedy_equal"]
+        lines.append(f"{r['case']:<40} {r['median_s'] * 1e3:>8.2f} {r['min_s'] * 1e3:>7.2f}-{r['max_s'] * 1e3:<7.2f} "
+                     f"{r['tokens_per_s']:>8.1f} {'' if accept is None else f'{accept:.3f}':>7} "
+                     f"{'' if length is None else f'{length:.2f}':>7} {r['speedup']:>6.2f}x  "
+                     f"{'-' if equal is None else ('yes' if equal else 'NO')}")
+    return lines
 
 
 def train_step_times(cfg, modes: dict, batch: tuple[torch.Tensor, torch.Tensor], warmup: int = 2,
