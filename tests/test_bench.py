@@ -36,6 +36,13 @@ def test_the_tiny_preset_writes_json_and_tables(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "prefill: L4 D64 T32" in text and "decode: L4 D64 T32" in text
     assert (tmp_path / "bench.md").read_text().startswith("# snlp bench --preset tiny")
+    speculative = shape["speculative"]  # the first shape's speculative sweep, its table and figure
+    assert {(r["plan"], r["draft_len"], r["temperature"]) for r in speculative} == {
+        (plan, b, t) for t in (0.0, 1.0) for plan, b in (("sequential", None), *(
+            (name, b) for name in ("IDN n2 K1 repeat", "IDN n2 K1 warm") for b in (1, 2)))}
+    assert all(r["greedy_equal"] for r in speculative if r["temperature"] == 0)
+    assert "speculative decoding: L4 D64, batch 1" in text and "speculative T1 IDN n2 K1 warm B2" in text
+    assert (tmp_path / "speculation.png").stat().st_size > 1000
 
 
 def test_the_work_model_counts_each_evaluation():

@@ -12,8 +12,9 @@ import torch
 
 import layersolve as ls
 
-from ..io import write_atomic, write_json
+from ..io import save_figure, write_atomic, write_json
 from . import suite
+from .speculation import compare
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
 
 CACHE = Path(os.environ.get("SNLP_CACHE", "snlp-out/cache"))  # tokenizers and tokenized corpora
@@ -146,10 +147,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--n-par", type=int, help="SNLP decoding over this tail (default: sequential)")
-    gen.add_argument("--iters", type=int, default=2)
+    gen.add_argument("--n-par", type=int, help="SNLP decoding over this tail (default: sequential; with "
+                                               "--speculative, half the layers)")
+    gen.add_argument("--iters", type=int, help="Newton iterations of the SNLP solve (default 2; with --speculative 1)")
     gen.add_argument("--strategy", choices=STRATEGIES, default="idn")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--speculative", action="store_true",
+                     help="self-speculative decoding: the SNLP plan drafts, the sequential model verifies (its "
+                          "output, not the plan's); prints acceptance and the speedup over sequential decoding")
+    gen.add_argument("--draft-len", type=int, default=4, metavar="B", help="--speculative: tokens drafted per round")
 
     bench = sub.add_parser("bench", help="prefill and decoding: sequential vs SNLP plans, JSON + tables")
     bench.add_argument("--preset", choices=sorted(suite.PRESETS), default=None,
@@ -299,15 +305,56 @@ def _study(args) -> int:
 
 
 def _generate(args) -> int:
-    from ..inference import snlp
     from ..inference.decode import generate
 
+    if args.draft_len < 1:
+        raise ValueError(f"--draft-len must be >= 1, got {args.draft_len}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0: no cut), got {args.top_k}")
     model, tokenizer = _load_run(args.checkpoint)
-    plan = None if args.n_par is None else snlp.Plan(n_par=args.n_par, iters=args.iters,
-                                                     jacobian=strategy(args.strategy))
+    plan = _generate_plan(args, model)
     prompt = torch.tensor([tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())])
+    if prompt.shape[1] + args.max_new > model.rotary_len:
+        raise ValueError(f"--prompt ({prompt.shape[1]} tokens) and --max-new {args.max_new} exceed the model's "
+                         f"rotary cache of {model.rotary_len} tokens")
+    if args.speculative:
+        return _speculate(args, model, tokenizer, prompt, plan)
     out = generate(model, prompt, args.max_new, plan, args.temperature, args.top_k, args.seed)
     print(args.prompt + tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def _generate_plan(args, model):
+    """The decoding plan of the flags: none (sequential) without --n-par, unless --speculative, whose draft
+    defaults to IDN over half the layers with K = 1 (the cheapest draft; the verifier then saves half of a
+    sequential pass)."""
+    from ..inference import snlp
+
+    n_par = args.n_par if args.n_par is not None or not args.speculative else max(1, model.config.n_layer // 2)
+    if n_par is None:
+        return None
+    iters = (1 if args.speculative else 2) if args.iters is None else args.iters
+    plan = snlp.Plan(n_par=n_par, iters=iters, jacobian=strategy(args.strategy))
+    try:
+        plan.check(model)
+    except ValueError as err:
+        raise ValueError(f"--n-par {n_par}: {err}") from err
+    return plan
+
+
+def _speculate(args, model, tokenizer, prompt, plan) -> int:
+    run = compare(model, prompt, args.max_new, plan, args.draft_len, args.temperature, args.top_k, args.seed)
+    stats = run.stats
+    print(args.prompt + tokenizer.decode(run.tokens[0].tolist()))
+    print(f"\nspeculative decoding, {plan_name(plan)} drafting B = {args.draft_len}: acceptance rate "
+          f"{stats.acceptance_rate:.3f}, mean accepted length {stats.mean_accepted_length:.2f} tokens per round")
+    print(f"{args.max_new / run.seconds:.1f} tokens/s against {args.max_new / run.sequential_seconds:.1f} "
+          f"sequential: speedup {run.speedup:.2f}x")
+    if args.temperature == 0:
+        same = torch.equal(run.tokens, run.sequential_tokens)
+        print(f"greedy: the tokens {'equal' if same else 'DIFFER FROM'} sequential greedy decoding's")
     return 0
 
 
@@ -324,7 +371,13 @@ def _bench(args) -> int:
     write_json(args.out / "bench.json", results)
     report = f"# snlp bench --preset {preset}\n\n```\n{text}\n```\n"
     write_atomic(args.out / "bench.md", lambda f: f.write(report.encode()))
-    print(f"wrote {args.out / 'bench.json'} and bench.md (random trained-like weights: the accuracy columns show the "
+    speculative = [row for shape in results["shapes"] for row in shape.get("speculative", [])]
+    if speculative:
+        import analysis
+
+        save_figure(analysis.plot_speculation(speculative, f"speculative decoding, {preset} preset"),
+                    args.out / "speculation.png")
+    print(f"wrote {args.out / 'bench.json'}, bench.md{' and speculation.png' if speculative else ''} (random trained-like weights: the accuracy columns show the "
           "plans' agreement with the sequential path, not language quality)")
     return 0
 

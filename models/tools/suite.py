@@ -10,7 +10,9 @@ embeddings, full windows) and, for the HCN row, its mHC twin of the same size. R
              (n/2)xF2 K1, each with its compile time apart;
     decode   per generated token after an 8-token prompt, at each decode batch: sequential, IDN n = L/2 with K = 1
              and 2 from repeat, and K = 1 warm (the previous token's trace); on the GPU preset the same again
-             graphed (compiled blocks, static caches, CUDA graphs), each with its compile time apart.
+             graphed (compiled blocks, static caches, CUDA graphs), each with its compile time apart;
+    speculative  on the first shape, self-speculative decoding at batch 1 (speculation.py): IDN n = L/2 K1 from
+             repeat and warm drafting, at each draft length and temperature, against sequential decoding.
 
 Each row has the median and spread over repeats, its speedup over each baseline it names, the solve's result, its
 accuracy against the eager sequential path (prefill: top-1 agreement and max |logit difference|; decode: the
@@ -37,6 +39,7 @@ from ..inference.decode import Decoder
 from ..nanochat import GPT, GPTConfig
 from .bench import SEQUENTIAL, environment, prefill_rows, timer
 from .names import plan_name
+from .speculation import Speculation, speculative_plans, speculative_rows
 
 STATE_PASSES = 16  # the byte model's passes over the state per block evaluation
 PROMPT = 8  # decode rows: tokens of the prompt before the timed generation
@@ -61,6 +64,7 @@ class Preset:
     compile: bool = True
     graphed_decode: bool = False  # decode rows again with compiled blocks and static caches (CUDA graphs on GPU)
     vocab_size: int = 8192
+    speculation: Speculation | None = Speculation()
 
 
 PRESETS = {
@@ -69,7 +73,7 @@ PRESETS = {
     "gpu-0.5b": Preset((Shape(32, 640, 512), Shape(32, 640, 2048)), torch.bfloat16, head_dim=128,
                        decode_batches=(1, 8), repeats=10, warmup=3, graphed_decode=True),
     "tiny": Preset((Shape(4, 64, 32),), torch.float32, head_dim=64, new_tokens=4, repeats=1, warmup=0,
-                   compile=False, vocab_size=512),
+                   compile=False, vocab_size=512, speculation=Speculation(draft_lens=(1, 2))),
 }
 
 
@@ -158,8 +162,7 @@ def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.P
     model with compiled blocks (CUDA graphs on GPU) and static caches, each with its compile time apart (the first
     decoding, which compiles the prompt's and a step's shapes), and a speedup over graphed sequential decoding."""
     device = model.lm_head.weight.device
-    prompt = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=device,
-                           generator=torch.Generator(device=device).manual_seed(0))
+    prompt = decode_prompt(model, batch)
     timed = timer(device)
     variants = [(model, False, "")]
     if graphed:
@@ -196,6 +199,13 @@ def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.P
     if graphed:
         baselines["graphed"] = groups[1][0]["median_s"]
     return _speedups(rows, baselines)
+
+
+def decode_prompt(model: GPT, batch: int) -> torch.Tensor:
+    """The decode rows' prompt: PROMPT random tokens per sequence, the same in every run."""
+    device = model.lm_head.weight.device
+    return torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=device,
+                         generator=torch.Generator(device=device).manual_seed(0))
 
 
 def _memory(device: torch.device) -> dict:
@@ -258,7 +268,9 @@ def compiled_blocks_rows(model: GPT, idx: torch.Tensor, plans: dict[str, snlp.Pl
     return rows
 
 
-def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, progress=print) -> dict:
+def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, progress=print,
+              speculation: Speculation | None = None) -> dict:
+    """The shape's prefill and decode rows, and the speculative sweep `speculation` describes (None: none)."""
     model, mhc = twin_models(shape, preset, device)
     idx = torch.randint(0, preset.vocab_size, (1, shape.tokens), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
@@ -286,7 +298,13 @@ def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, 
     decode = [decode_rows(model, b, preset.new_tokens, {plan_name(p): p for p in decode_plans(shape.layers)},
                           preset.warmup, preset.repeats, rates, progress, graphed=preset.graphed_decode)
               for b in preset.decode_batches]
-    return {"shape": asdict(shape), "prefill": rows + mhc_rows, "decode": [row for rows_b in decode for row in rows_b]}
+    out = {"shape": asdict(shape), "prefill": rows + mhc_rows, "decode": [row for rows_b in decode for row in rows_b]}
+    if speculation is not None:
+        out["speculative"] = speculative_rows(model, decode_prompt(model, 1), preset.new_tokens,
+                                              {plan_name(p): p for p in speculative_plans(shape.layers)},
+                                              speculation.draft_lens, speculation.temperatures,
+                                              warmup=preset.warmup, repeats=preset.repeats, progress=progress)
+    return out
 
 
 def run(preset_name: str, device: torch.device, progress=print) -> dict:
@@ -300,7 +318,8 @@ def run(preset_name: str, device: torch.device, progress=print) -> dict:
                "decode_compiled": "not measured: compiling the block on the CPU gave no gain at batch 1 (6.7 -> 6.9 "
                                   "ms/token at L12 D128, 42 s compile); CUDA-graphed decoding is owed",
                "shapes": []}
-    for shape in preset.shapes:
+    for i, shape in enumerate(preset.shapes):
         progress(f"L{shape.layers} D{shape.width} T{shape.tokens}")
-        results["shapes"].append(run_shape(shape, preset, device, rates, progress))
+        results["shapes"].append(run_shape(shape, preset, device, rates, progress,
+                                           preset.speculation if i == 0 else None))
     return results
