@@ -8,7 +8,7 @@ import torch
 
 import layersolve as ls
 from helpers import random_model, tiny_config, tokens
-from models.inference import snlp
+from models.inference import snlp, speculative
 from models.tools import bench, cli, speculation, suite
 
 SMALL = ["--steps", "2", "--depth", "4", "--width", "64", "--seq-len", "32", "--vocab-size", "512",
@@ -112,3 +112,22 @@ def test_compare_times_both_on_the_same_prompt(model):
 def test_the_suite_speculates_on_the_first_shape_with_plans_that_fit(layers):
     assert all(1 <= p.n_par <= layers for p in speculation.speculative_plans(layers))
     assert all(preset.speculation is not None for preset in suite.PRESETS.values())
+
+
+def test_rows_compare_tokens_and_pool_seeds(model, monkeypatch):
+    """With a draft that commits other tokens than sequential greedy decoding, greedy_equal is False and the
+    table says so; repeat r runs seed + r, and the rows' statistics pool the repeats."""
+    seeds = []
+
+    def wrong(model, prompt, max_new, plan, draft_len, temperature, top_k, seed):
+        seeds.append(seed)
+        stats = speculative.SpeculationStats(rounds=2, drafted=4, accepted=seed % 2, tokens=max_new)
+        return torch.zeros(1, max_new, dtype=torch.long) + seed, stats
+
+    monkeypatch.setattr(speculation.speculative, "generate", wrong)
+    rows = speculation.speculative_rows(model, tokens(1, 4), 3, {"fake": snlp.Plan(n_par=2)}, draft_lens=(2,),
+                                        temperatures=(0.0,), warmup=1, repeats=3, seed=10, progress=lambda line: None)
+    assert seeds == [10, 10, 11, 12]  # the warm-up, then the repeats
+    fake = rows[1]
+    assert fake["greedy_equal"] is False and bench.speculative_table(rows)[2].split()[-1] == "NO"
+    assert fake["acceptance_rate"] == 1 / 12 and fake["mean_accepted_length"] == 9 / 6

@@ -7,7 +7,8 @@ one-hot, not a language model's).
 
 Each timed run generates `new_tokens` tokens after the prompt; repeat r uses seed `seed + r`, so that at
 temperature > 0 the acceptance statistics pool several samples instead of repeating one, and sequential decoding
-is timed on the same seeds. Speedup: the sequential row's median time over the row's, at the same temperature.
+is timed on the same seeds. Repeats are interleaved over the cases of a temperature (as in bench.prefill_rows).
+Speedup: the sequential row's median time over the row's, at the same temperature.
 """
 
 from __future__ import annotations
@@ -88,27 +89,28 @@ def speculative_rows(model: GPT, prompt: torch.Tensor, new_tokens: int, plans: M
     timed = timer(prompt.device)
     rows = []
     for temperature in temperatures:
-        group = []
-        for name, plan in {SEQUENTIAL: None, **plans}.items():
-            for B in (None,) if plan is None else draft_lens:
-                def run(r, plan=plan, B=B):
-                    if plan is None:
-                        return generate(model, prompt, new_tokens, None, temperature, top_k, seed + r), None
-                    return speculative.generate(model, prompt, new_tokens, plan, B, temperature, top_k, seed + r)
+        cases = [(SEQUENTIAL, None, None)] + [(name, plan, B) for name, plan in plans.items() for B in draft_lens]
 
-                with torch.inference_mode():
-                    for r in range(warmup):
-                        run(r)
-                    times, outputs = [], []
-                    for r in range(repeats):
-                        times.append(timed(lambda: outputs.append(run(r))) / new_tokens)
-                group.append(_row(name, plan, B, temperature, times, outputs))
-                progress(f"  {group[-1]['case']}: {group[-1]['median_s'] * 1e3:.2f} ms/token")
+        def run(plan, B, r):
+            if plan is None:
+                return generate(model, prompt, new_tokens, None, temperature, top_k, seed + r), None
+            return speculative.generate(model, prompt, new_tokens, plan, B, temperature, top_k, seed + r)
+
+        times, outputs = ([[] for _ in cases] for _ in range(2))
+        with torch.inference_mode():
+            for case in cases:
+                for r in range(warmup):
+                    run(case[1], case[2], r)
+            for r in range(repeats):  # interleaved: a drift in the machine's speed falls on every case alike
+                for i, (_, plan, B) in enumerate(cases):
+                    times[i].append(timed(lambda: outputs[i].append(run(plan, B, r))) / new_tokens)
+        group = [_row(name, plan, B, temperature, times[i], outputs[i]) for i, (name, plan, B) in enumerate(cases)]
         base, expected = group[0]["median_s"], group[0]["tokens"]
         for row in group:
             row["speedup"] = base / row["median_s"]
             tokens = row.pop("tokens")
             row["greedy_equal"] = all(map(torch.equal, tokens, expected)) if temperature == 0 else None
+            progress(f"  {row['case']}: {row['median_s'] * 1e3:.2f} ms/token, x{row['speedup']:.2f}")
         rows += group
     return rows
 
