@@ -42,29 +42,25 @@ import torch
 
 import analysis
 import layersolve as ls
-from models import nanochat, snlp
+from models import snlp
 from models.tools.bench import prefill_rows
 from models.tools.names import plan_name
 from models.training import evaluate
-from models.training.config import TrainConfig
+from models.training.config import PRESETS
 from models.training.loop import Data
 from models.training.regularizer import Regularizer
-from models.training.runs import cached_run
+from models.training.runs import pair, trained_runs
 
 torch.manual_seed(seed)
-config = TrainConfig(model=nanochat.GPTConfig(sequence_len=64, vocab_size=512, n_layer=n_layer, n_head=1,
-                                              n_kv_head=1, n_embd=n_embd),
-                     steps=steps, batch_size=batch_size, warmup_steps=5, eval_every=steps, eval_tokens=4096,
-                     seed=seed)
-configs = {"baseline": config,
-           "IDN-regularized": dataclasses.replace(config, regularizer=Regularizer(ls.Identity(), (n_layer // 2,)),
-                                                  reg_lambda=reg_lambda)}
+quick = PRESETS["quick"]  # the demo's toy size, shrunk by the parameters above
+config = dataclasses.replace(quick, steps=steps, batch_size=batch_size, seed=seed,
+                             model=dataclasses.replace(quick.model, n_layer=n_layer, n_embd=n_embd))
 data = Data.prepare(None, config.model.vocab_size, cache_dir)  # the embedded corpus, its BPE tokenizer
-models = {}
-for name, run_config in configs.items():
-    directory, metrics, reused = cached_run(run_config, data, cache_dir, name, show_progress=False)
-    models[name] = nanochat.load(directory).eval().requires_grad_(False)  # float32, as it would be served
-    print(f"{name:<16} {'reused' if reused else 'trained'}: validation ppl {metrics['evals'][-1]['ppl']:.1f}")
+trained = trained_runs(pair(config, Regularizer(ls.Identity(), (n_layer // 2,)), reg_lambda), data, cache_dir,
+                    show_progress=False)
+models = {name: run.model().requires_grad_(False) for name, run in trained.items()}  # float32, as it would be served
+for name, run in trained.items():
+    print(f"{name:<16} {'reused' if run.reused else 'trained'}: validation ppl {run.metrics['evals'][-1]['ppl']:.1f}")
 
 # %% [markdown]
 # ## The plans

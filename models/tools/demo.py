@@ -81,26 +81,19 @@ def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Pa
     """Train both models (cfg: a TrainConfig; each run reused from cache_dir when its config, data and code are
     unchanged), then study them on the validation plays (`study.run`): demo.json, report.md and the figures in
     out_dir."""
-    import dataclasses
-
-    from .. import nanochat
     from ..training import evaluate
     from ..training.loop import Data
-    from ..training.runs import cached_run
+    from ..training.runs import pair, trained_runs
 
     data = Data.prepare(None, cfg.model.vocab_size, cache_dir)
     validation = data.validation(cfg)
     unigram = evaluate.unigram_loss(data.train, validation)
-    configs = {"baseline": cfg, "idn-regularized": dataclasses.replace(cfg, regularizer=regularizer,
-                                                                        reg_lambda=reg_lambda)}
-    models, training, runs = {}, {}, {}
-    for name, run_cfg in configs.items():
-        progress(f"== {name}: training {run_cfg.steps} steps (or reusing an identical run)")
-        directory, metrics, reused = cached_run(run_cfg, data, cache_dir, name)
-        progress(f"== {name}: {'reused' if reused else 'trained'} {directory}")
-        models[name], training[name] = nanochat.load(directory).eval(), metrics
-        runs[name] = {"directory": str(directory), "reused": reused, "final_train_loss": metrics["train"][-1]["ce"],
-                      "evals": metrics["evals"]}
+    trained = trained_runs(pair(cfg, regularizer, reg_lambda), data, cache_dir, progress=progress)
+    models = {name: run.model() for name, run in trained.items()}
+    training = {name: run.metrics for name, run in trained.items()}
+    runs = {name: {"directory": str(run.directory), "reused": run.reused,
+                   "final_train_loss": run.metrics["train"][-1]["ce"], "evals": run.metrics["evals"]}
+            for name, run in trained.items()}
     about = {"train_config": cfg.to_dict(), "regularizer": repr(regularizer), "reg_lambda": reg_lambda,
              "unigram_loss": unigram, "unigram_ppl": math.exp(unigram), "runs": runs}
     results = study.run(models, validation, out_dir, baseline="baseline", training=training, cfg=study_cfg,

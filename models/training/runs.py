@@ -8,12 +8,15 @@ temporary directory and renamed into place when complete: an interrupted run lea
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -21,8 +24,10 @@ import layersolve
 
 from .. import nanochat
 from ..nanochat import checkpoint
+from ..nanochat.gpt import GPT
 from .config import TrainConfig
 from .loop import Data, train
+from .regularizer import Regularizer
 
 SOURCES = tuple(Path(package.__file__).resolve().parent for package in (layersolve, nanochat)) + (
     Path(__file__).resolve().parent,)
@@ -64,3 +69,33 @@ def cached_run(cfg: TrainConfig, data: Data, cache_dir: str | Path, name: str,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final, metrics, False
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A run of `cached_run`: its directory, its metrics (metrics.json) and whether it was reused."""
+
+    directory: Path
+    metrics: dict
+    reused: bool
+
+    def model(self) -> GPT:
+        """The run's final model, in eval mode."""
+        return nanochat.load(self.directory).eval()
+
+
+def pair(cfg: TrainConfig, regularizer: Regularizer, reg_lambda: float) -> dict[str, TrainConfig]:
+    """The demo's two runs: `cfg` as it is, and with the regularizer (same seed, same tokens)."""
+    return {"baseline": cfg,
+            "idn-regularized": dataclasses.replace(cfg, regularizer=regularizer, reg_lambda=reg_lambda)}
+
+
+def trained_runs(configs: Mapping[str, TrainConfig], data: Data, cache_dir: str | Path, show_progress: bool = True,
+                 progress=print) -> dict[str, Trained]:
+    """Each config trained on `data` (or its identical run reused), by name."""
+    runs = {}
+    for name, cfg in configs.items():
+        progress(f"== {name}: training {cfg.steps} steps (or reusing an identical run)")
+        runs[name] = Trained(*cached_run(cfg, data, cache_dir, name, show_progress))
+        progress(f"== {name}: {'reused' if runs[name].reused else 'trained'} {runs[name].directory}")
+    return runs
