@@ -26,6 +26,8 @@ from . import claims as claims_table
 from .bench import SEQUENTIAL, prefill_rows
 from .names import plan_name
 
+GRID_SPEEDUP = ("The grid's speedup column is the evaluation's own wall-time ratio over its validation batches; the "
+                "claims and the frontier use the batch-1 timings of the benchmark suite (median, repeats interleaved).")
 CONVERGENCE = {"Jacobi": ls.Zero(), "IDN": ls.Identity()}  # the strategies of the convergence figures
 
 
@@ -145,6 +147,7 @@ def summary(results: dict) -> str:
         lines += [f"  [{claims_table.verdict(row['agrees'])}] {row['claim']}", f"      ours: {row['ours']}"]
     for label, model in results["models"].items():
         lines += ["", f"{label}:", grid_table(model["grid"])]
+    lines += ["", GRID_SPEEDUP]
     return "\n".join(lines)
 
 
@@ -154,7 +157,7 @@ def report(results: dict) -> str:
     for name, model in results["models"].items():
         speed = model["speed"]
         lines += [f"## {name} ({model['n_layer']} layers, tail n = {model['n_par']})", "", "```",
-                  grid_table(model["grid"]), "```", "", f"Measured speed (baseline: {speed['baseline']}):", "", "```"]
+                  grid_table(model["grid"]), "```", "", GRID_SPEEDUP, "", f"Measured speed (baseline: {speed['baseline']}):", "", "```"]
         lines += [f"{plan:<28} {row['median_s'] * 1e3:8.2f} ms  {row['speedup']:5.2f}x"
                   for plan, row in speed["rows"].items()]
         lines += ["```", ""]
