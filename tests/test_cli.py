@@ -13,12 +13,12 @@ from models.tools.names import STRATEGIES, n_par_configs, plan_name, strategy
 
 def test_toy_demo_writes_results(tmp_path, capsys):
     assert cli.main(["demo", "--toy", "--out", str(tmp_path), "--depth", "6", "--width", "4"]) == 0
-    results = json.loads((tmp_path / "demo.json").read_text())
+    results = json.loads((tmp_path / "toy.json").read_text())
     assert results["config"]["layers"] == 6
     assert {r["solver"] for r in results["runs"]} >= {"Jacobi", "Identity (IDN)", "Exact (GMRES)"}
     for run in results["runs"]:
         assert run["result"] == "CONVERGED" and run["error"][-1] <= 1e-9 and run["iterations"] <= 6
-    assert (tmp_path / "demo_convergence.png").stat().st_size > 1000
+    assert (tmp_path / "toy_convergence.png").stat().st_size > 1000
     assert "max relative error over layers" in capsys.readouterr().out
 
 
@@ -84,7 +84,8 @@ def test_eval_json_fields(trained_run, capsys):
                          "IDN n2 K2 repeat"}
     for name, cell in grid.items():
         assert {"loss", "ppl", "bpb", "tokens"} <= set(cell["quality"]) and cell["quality"]["tokens"] == 512
-        assert {"top1_agreement", "mean_cosine", "seconds", "speedup"} <= set(cell)
+        assert {"top1_agreement", "mean_cosine"} <= set(cell)
+        assert results["speed"]["rows"][name]["speedup"] > 0  # timed by bench.speedups, as every table
         if name != "sequential":
             assert len(cell["layer_error"]) == 2
     assert grid["IDN n2 K2 repeat"]["top1_agreement"] == 1.0  # K = n_par is exact

@@ -92,7 +92,10 @@ def load(directory: str | Path, step: int | None = None, device: str | torch.dev
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{model_path}: corrupt or not a torch checkpoint ({type(err).__name__}: {err})") from err
+        # Not torch's own message: it advises weights_only=False, which cannot read random bytes either and would
+        # run whatever code a foreign pickle holds.
+        raise CheckpointError(f"{model_path}: corrupt or not a model checkpoint (it does not load as a state_dict: "
+                              f"{type(err).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{model_path}: not a state_dict (a dict of tensors)")
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}

@@ -115,6 +115,20 @@ def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], 
     return rows
 
 
+def speedups(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: int = 2, repeats: int = 7,
+             progress=print) -> dict:
+    """The speed of every plan beside the eager sequential forward on `idx` (B, T), by `prefill_rows`: the one
+    timing method of `snlp eval`, `snlp study`, the demo and `snlp bench`. Returns the baseline's description, the
+    repeats, and per case ("sequential" and each plan) the median, min and max seconds, the speedup over the
+    baseline and how the solve ended."""
+    rows = prefill_rows(model, idx, plans, warmup, repeats, progress)
+    base = rows[0]["median_s"]
+    return {"baseline": f"eager {SEQUENTIAL} forward (batch {idx.shape[0]} x {idx.shape[1]} tokens, this machine)",
+            "repeats": repeats,
+            "rows": {r["case"]: {"median_s": r["median_s"], "min_s": r["min_s"], "max_s": r["max_s"],
+                                 "speedup": base / r["median_s"], "result": r.get("result")} for r in rows}}
+
+
 def failed(row: dict) -> bool:
     """Whether a plan's solve did not end ok (the sequential rows have no solve)."""
     return "result" in row and not ls.Result[row["result"]].ok

@@ -14,119 +14,62 @@ import layersolve as ls
 
 from ..io import save_figure, write_atomic, write_json
 from . import suite
-from .speculation import compare
+from .flags import COUNT, POSITIVE, RUN_FLAGS, WEIGHT, given, model_flags, recorded, reg_flags, resumed_flags, train_config
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
+from .speculation import compare
 
 CACHE = Path(os.environ.get("SNLP_CACHE", "snlp-out/cache"))  # tokenizers and tokenized corpora
-
-
-def _model_flags(p: argparse.ArgumentParser) -> None:
-    from ..training.config import PRESETS
-
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="base configuration (default tiny)")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="sequences per step, over all processes")
-    p.add_argument("--seq-len", type=int, help="context length (the model's sequence_len)")
-    p.add_argument("--vocab-size", type=int, help="tokenizer and model vocabulary")
-    p.add_argument("--depth", type=int, help="layers")
-    p.add_argument("--aspect-ratio", type=int, help="n_embd = depth * aspect ratio, rounded up to --head-dim")
-    p.add_argument("--head-dim", type=int, default=None, help="head dim for --aspect-ratio sizing (default 128)")
-    p.add_argument("--width", type=int, help="n_embd directly (heads of 64)")
-    p.add_argument("--no-x0-resid", action="store_true")
-    p.add_argument("--no-ve", action="store_true")
-    p.add_argument("--mhc", type=int, metavar="STREAMS", help="hyper-connections with this many streams")
-    p.add_argument("--mhc-dynamic", action="store_true", help="input-dependent (DeepSeek-style) hyper-connections")
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--eval-tokens", type=int)
-    p.add_argument("--seed", type=int)
-
-
-def _reg_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reg", choices=("none", *STRATEGIES), default="none",
-                   help="SNLP-aware regularization surrogate: idn, scaled, hcn (mHC), diagonal (Hutchinson)")
-    p.add_argument("--reg-lambda", type=float, default=1.0, help="weight of the regularizer (default 1)")
-    p.add_argument("--n-par-configs", type=int, nargs="+", help="tail lengths (default: L/4, L/2, 3L/4)")
-    p.add_argument("--reg-stride", type=int, default=1,
-                   help="every stride-th tail layer and the last enter the loss (0: the published default, the last "
-                        "block alone on h_(L-n), IDN only)")
-    p.add_argument("--reg-warmup", type=float, default=0.2, help="fraction of training over which lambda ramps up")
-    p.add_argument("--reg-detach", action="store_true", help="detach the sequential target")
-    p.add_argument("--reg-mode", choices=("all", "sample", "batched"), default="all",
-                   help="all configs per step (published), one sampled config, or all in one batched call")
-    p.add_argument("--reg-probes", type=int, default=1, help="Hutchinson probes for --reg diagonal")
-
-
-def train_config(args):
-    """The TrainConfig the flags describe."""
-    from ..nanochat import GPTConfig
-    from ..training.regularizer import Regularizer
-    from ..training.config import PRESETS, gpu_model
-
-    cfg = PRESETS[args.preset]
-    model = cfg.model
-    if args.depth or args.aspect_ratio or args.width:
-        depth = args.depth or model.n_layer
-        if args.width:
-            model = dataclasses.replace(model, n_layer=depth, n_embd=args.width, n_head=max(1, args.width // 64),
-                                        n_kv_head=max(1, args.width // 64))
-        else:
-            model = gpu_model(depth, args.aspect_ratio or 64, args.head_dim or 128, model.sequence_len,
-                              model.vocab_size)
-    options = {"sequence_len": args.seq_len, "vocab_size": args.vocab_size, "no_x0_resid": args.no_x0_resid or None,
-               "no_ve": args.no_ve or None, "use_mhc": bool(args.mhc) or None, "mhc_num_streams": args.mhc,
-               "mhc_dynamic": args.mhc_dynamic or None}
-    model = GPTConfig(**{**dataclasses.asdict(model), **{k: v for k, v in options.items() if v is not None}})
-    changes = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.eval_every,
-               "eval_tokens": args.eval_tokens, "seed": args.seed}
-    cfg = dataclasses.replace(cfg, model=model, **{k: v for k, v in changes.items() if v is not None})
-    if getattr(args, "reg", "none") != "none":
-        configs = tuple(args.n_par_configs or n_par_configs(model.n_layer))
-        reg = Regularizer(strategy(args.reg, args.reg_probes), configs, args.reg_stride, args.reg_detach,
-                          args.reg_mode)
-        cfg = dataclasses.replace(cfg, regularizer=reg, reg_lambda=args.reg_lambda, reg_warmup=args.reg_warmup)
-    return cfg
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="snlp", description="Layer-parallel inference (SNLP) with layersolve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # each subcommand's own parser
 
     demo = sub.add_parser("demo", help="the main job: train a baseline and an IDN-regularized model on Shakespeare, "
                                        "evaluate Jacobi / IDN, write a report with plots")
-    demo.add_argument("--out", type=Path, default=Path("snlp-out/demo"))
+    demo.add_argument("--out", type=Path, help="output directory (default: snlp-out/demo, snlp-out/demo-quick with "
+                                               "--quick, snlp-out/demo-toy with --toy: each job its own)")
     demo.add_argument("--toy", action="store_true", help="only the quick layersolve demo on a random residual stack")
     demo.add_argument("--quick", action="store_true",
                       help="the whole story at toy size (the quick preset, under 2 minutes on a 2-core CPU)")
-    _model_flags(demo)
-    demo.add_argument("--reg-lambda", type=float, default=1.0)
+    model_flags(demo)
+    demo.add_argument("--reg-lambda", type=WEIGHT, default=1.0)
 
     train = sub.add_parser("train", help="train a model (nanochat recipe, optional SNLP-aware regularization)")
     train.add_argument("--out", type=Path, default=Path("snlp-out/train"), help="run directory (checkpoints)")
     train.add_argument("--corpus", help="a .txt/.md file, a directory of them, or parquet shards (default: "
                                         "the embedded Shakespeare)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--save-every", type=int, default=0)
-    train.add_argument("--sft-n-par", type=int, help="SNLP-forward fine-tuning: train through snlp.forward")
-    train.add_argument("--sft-iters", type=int, default=1)
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last checkpoint, with the run's own settings (a flag "
+                            "given must agree; --steps may grow)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --out")
+    train.add_argument("--save-every", type=COUNT,
+                       help="checkpoint every this many steps (default: a tenth of the steps; 0: at the end only)")
+    train.add_argument("--keep", type=POSITIVE, default=3,
+                       help="checkpoints kept, the newest (default 3; the final one is always among them)")
+    train.add_argument("--sft-n-par", type=POSITIVE, help="SNLP-forward fine-tuning: train through snlp.forward")
+    train.add_argument("--sft-iters", type=POSITIVE, default=1)
     train.add_argument("--sft-strategy", choices=STRATEGIES, default="idn")
     train.add_argument("--init-from", help="checkpoint directory to start from (for fine-tuning)")
-    _model_flags(train)
-    _reg_flags(train)
+    model_flags(train)
+    reg_flags(train)
 
     ev = sub.add_parser("eval", help="PPL / bpb of the sequential forward and a grid of SNLP plans")
     ev.add_argument("checkpoint", type=Path, help="a run directory (model_*.pt, meta_*.json, tokenizer/)")
-    ev.add_argument("--step", type=int)
+    ev.add_argument("--step", type=COUNT)
     ev.add_argument("--corpus")
-    ev.add_argument("--context", type=int, help="tokens per sequence (default: the model's sequence_len)")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--max-tokens", type=int, default=32768)
+    ev.add_argument("--context", type=POSITIVE, help="tokens per sequence (default: the model's sequence_len)")
+    ev.add_argument("--batch-size", type=POSITIVE, default=8)
+    ev.add_argument("--max-tokens", type=POSITIVE, default=32768)
     ev.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["jacobi", "idn"])
-    ev.add_argument("--n-par", type=int, nargs="+", help="default: half the layers")
-    ev.add_argument("--iters", type=int, nargs="+", default=[1, 2, 4])
+    ev.add_argument("--n-par", type=POSITIVE, nargs="+", help="default: half the layers")
+    ev.add_argument("--iters", type=COUNT, nargs="+", default=[1, 2, 4], help="0: the initial guess only")
     ev.add_argument("--inits", nargs="+", choices=("repeat", "one_step"), default=["repeat"])
-    ev.add_argument("--fuse", type=int, nargs="+", default=[1])
-    ev.add_argument("--ar-prompts", type=int, default=4, help="prompts for autoregressive agreement (0: skip)")
-    ev.add_argument("--ar-new", type=int, default=16)
+    ev.add_argument("--fuse", type=POSITIVE, nargs="+", default=[1])
+    ev.add_argument("--ar-prompts", type=COUNT, default=4, help="prompts for autoregressive agreement (0: skip)")
+    ev.add_argument("--ar-new", type=POSITIVE, default=16)
+    ev.add_argument("--repeats", type=POSITIVE, default=7, help="timed calls per plan for the speedup column")
     ev.add_argument("--out", type=Path, help="JSON path (default: <checkpoint>/eval.json)")
 
     study = sub.add_parser("study", help="the convergence study, figures and claims report of snlp demo, on any "
@@ -135,27 +78,27 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--baseline", type=Path,
                        help="an unregularized run of the same shape, for the regularization claim")
     study.add_argument("--corpus", help="validation text (default: the embedded Shakespeare's validation plays)")
-    study.add_argument("--context", type=int, help="tokens per sequence (default: the model's sequence_len)")
-    study.add_argument("--batch-size", type=int, default=8)
-    study.add_argument("--max-tokens", type=int, default=16384)
+    study.add_argument("--context", type=POSITIVE, help="tokens per sequence (default: the model's sequence_len)")
+    study.add_argument("--batch-size", type=POSITIVE, default=8)
+    study.add_argument("--max-tokens", type=POSITIVE, default=16384)
     study.add_argument("--out", type=Path, help="directory for report.md, study.json and the figures (default: "
                                                 "<checkpoint>/study)")
 
     gen = sub.add_parser("generate", help="sample from a checkpoint, sequentially or with SNLP decoding")
     gen.add_argument("checkpoint", type=Path)
     gen.add_argument("--prompt", default="ROMEO.")
-    gen.add_argument("--max-new", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--n-par", type=int, help="SNLP decoding over this tail (default: sequential; with "
+    gen.add_argument("--max-new", type=COUNT, default=64)
+    gen.add_argument("--temperature", type=WEIGHT, default=0.8, help="0: greedy")
+    gen.add_argument("--top-k", type=COUNT, default=50, help="0: no cut")
+    gen.add_argument("--n-par", type=POSITIVE, help="SNLP decoding over this tail (default: sequential; with "
                                                "--speculative, half the layers)")
-    gen.add_argument("--iters", type=int, help="Newton iterations of the SNLP solve (default 2; with --speculative 1)")
+    gen.add_argument("--iters", type=POSITIVE, help="Newton iterations of the SNLP solve (default 2; with --speculative 1)")
     gen.add_argument("--strategy", choices=STRATEGIES, default="idn")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=COUNT, default=0)
     gen.add_argument("--speculative", action="store_true",
                      help="self-speculative decoding: the SNLP plan drafts, the sequential model verifies (its "
                           "output, not the plan's); prints acceptance and the speedup over sequential decoding")
-    gen.add_argument("--draft-len", type=int, default=4, metavar="B", help="--speculative: tokens drafted per round")
+    gen.add_argument("--draft-len", type=POSITIVE, default=4, metavar="B", help="--speculative: tokens drafted per round")
 
     bench = sub.add_parser("bench", help="prefill and decoding: sequential vs SNLP plans, JSON + tables")
     bench.add_argument("--preset", choices=sorted(suite.PRESETS), default=None,
@@ -164,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                             "CUDA, else cpu")
     bench.add_argument("--out", type=Path, default=Path("snlp-out/bench"), help="directory for bench.json / .md")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--repeats", type=int, default=5, help="--train: timed steps per mode")
+    bench.add_argument("--repeats", type=POSITIVE, default=5, help="--train: timed steps per mode")
     bench.add_argument("--train", action="store_true",
                        help="time training steps instead: plain vs the IDN regularizer in modes all / sample / "
                             "batched, on the tiny preset (configs L/4, L/2, 3L/4)")
@@ -172,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":  # which flags the line gives itself: --resume takes the others from the run
+        args.given = given(parser.commands["train"], argv[argv.index("train") + 1:])
     try:
         return {"demo": _demo, "train": _train, "eval": _eval, "study": _study, "generate": _generate,
                 "bench": _bench}[args.command](args)
@@ -185,15 +132,19 @@ def _demo(args) -> int:
     from . import demo
     from ..training.regularizer import Regularizer
 
+    toy = demo.ToyConfig()
     if args.toy:
-        width = args.width or 32
-        demo.run_toy(args.out, demo.ToyConfig(layers=args.depth or 24, width=width, seed=args.seed or 0))
+        toy = demo.ToyConfig(layers=toy.layers if args.depth is None else args.depth,
+                             width=toy.width if args.width is None else args.width,
+                             seed=toy.seed if args.seed is None else args.seed)
+        demo.run_toy(args.out or Path("snlp-out/demo-toy"), toy)
         return 0
     if args.quick:
         args.preset = "quick"
     cfg = train_config(args)
     regularizer = Regularizer(ls.Identity(), n_par_configs(cfg.model.n_layer, quarters=(1, 2)), stride=1)
-    demo.run_models(args.out, cfg, regularizer, args.reg_lambda, CACHE)
+    demo.run_models(args.out or Path("snlp-out/demo-quick" if args.quick else "snlp-out/demo"), cfg, regularizer,
+                    args.reg_lambda, CACHE)
     return 0
 
 
@@ -201,20 +152,29 @@ def _train(args) -> int:
     from ..inference import snlp
     from ..training.loop import Data, Interrupted, train
 
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+    if args.resume:
+        args = resumed_flags(args, args.given)
     cfg = train_config(args)
     if args.sft_n_par:
         cfg = dataclasses.replace(cfg, sft_plan=snlp.Plan(n_par=args.sft_n_par, iters=args.sft_iters,
                                                           jacobian=strategy(args.sft_strategy)))
-    cfg = dataclasses.replace(cfg, save_every=args.save_every, init_from=args.init_from)
+    save_every = max(1, cfg.steps // 10) if args.save_every is None else args.save_every
+    cfg = dataclasses.replace(cfg, save_every=save_every, keep_checkpoints=args.keep, init_from=args.init_from)
+    cfg.check()  # before the corpus is tokenized: a plan the model cannot take fails now, not after the work
     data = Data.prepare(args.corpus, cfg.model.vocab_size, CACHE)
     try:
-        metrics = train(cfg, data, args.out, resume=args.resume)
+        metrics = train(cfg, data, args.out, resume=args.resume, overwrite=args.overwrite,
+                        notes={RUN_FLAGS: recorded(args)})
     except Interrupted as stop:  # a checkpoint of the step is saved: the message, not a traceback
         print(f"interrupted at step {stop.step}; continue with --resume", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a second signal: stopped at once, mid-step
         print(f"stopped at once; --resume continues from the last checkpoint in {args.out}, if any", file=sys.stderr)
         return 130
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for the run
+        return 0
     final = metrics["evals"][-1]
     print(f"validation loss {final['loss']:.4f}, ppl {final['ppl']:.2f}, bpb {final['bpb']:.4f}; run in {args.out}")
     if metrics["skipped_steps"]:
@@ -235,6 +195,7 @@ def _load_run(directory: Path, step=None):
 
 
 def _eval(args) -> int:
+    from . import bench
     from ..training import evaluate
     from ..inference import snlp
 
@@ -247,8 +208,12 @@ def _eval(args) -> int:
              for f in args.fuse]
     for plan in plans:
         plan.check(model)
-    rows = evaluate.grid(model, val, {plan_name(p): p for p in plans})
-    results = {"checkpoint": str(args.checkpoint), "context": context, "tokens": args.max_tokens, "grid": rows}
+    named = {plan_name(p): p for p in plans}
+    rows = evaluate.grid(model, val, named)
+    first = next(iter(val.batches()))[0]
+    speed = bench.speedups(model, first[:1], named, repeats=args.repeats)  # batch 1, as the study and the demo
+    results = {"checkpoint": str(args.checkpoint), "context": context, "tokens": args.max_tokens, "grid": rows,
+               "speed": speed}
     if args.ar_prompts:
         prompts = next(iter(val.stream.validation_batches(args.ar_prompts, 32)))[0]
         results["autoregressive_agreement"] = {
@@ -256,7 +221,7 @@ def _eval(args) -> int:
             for p in plans if p.fuse == 1 and p.init == "repeat"}
     out = args.out or args.checkpoint / "eval.json"
     write_json(out, results)
-    print(evaluate.grid_table(rows))
+    print(evaluate.grid_table(rows, speed))
     for name, rate in results.get("autoregressive_agreement", {}).items():
         print(f"autoregressive agreement, {name}: {rate:.3f}")
     print(f"wrote {out}")
@@ -307,12 +272,6 @@ def _study(args) -> int:
 def _generate(args) -> int:
     from ..inference.decode import generate
 
-    if args.draft_len < 1:
-        raise ValueError(f"--draft-len must be >= 1, got {args.draft_len}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0: no cut), got {args.top_k}")
     model, tokenizer = _load_run(args.checkpoint)
     plan = _generate_plan(args, model)
     prompt = torch.tensor([tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())])

@@ -69,10 +69,10 @@ def run_toy(out_dir: Path, cfg: ToyConfig = ToyConfig(), tol: float = 1e-10) -> 
     print()
     print(convergence_table(runs))
     results = {"config": cfg.__dict__, "tol": tol, "runs": rows}
-    write_json(out_dir / "demo.json", results)
+    write_json(out_dir / "toy.json", results)  # not demo.json: never the main job's results, whatever --out says
     save_figure(plot_convergence(runs, title=f"{cfg.layers} residual blocks, width {cfg.width}: error vs sequential"),
-                out_dir / "demo_convergence.png")
-    print(f"\nwrote {out_dir / 'demo.json'} and {out_dir / 'demo_convergence.png'}")
+                out_dir / "toy_convergence.png")
+    print(f"\nwrote {out_dir / 'toy.json'} and {out_dir / 'toy_convergence.png'}")
     return results
 
 
@@ -82,13 +82,20 @@ def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Pa
     unchanged), then study them on the validation plays (`study.run`): demo.json, report.md and the figures in
     out_dir."""
     from ..training import evaluate
+    from ..training.config import model_shapes
     from ..training.loop import Data
     from ..training.runs import pair, trained_runs
 
+    configs = pair(cfg, regularizer, reg_lambda)
+    shapes = model_shapes(cfg.model)  # before any work: a run or a study plan the model cannot take fails now
+    for run_cfg in configs.values():
+        run_cfg.check()
+    for plan in study.study_plans(cfg.model).values():
+        plan.check(shapes)
     data = Data.prepare(None, cfg.model.vocab_size, cache_dir)
     validation = data.validation(cfg)
     unigram = evaluate.unigram_loss(data.train, validation)
-    trained = trained_runs(pair(cfg, regularizer, reg_lambda), data, cache_dir, progress=progress)
+    trained = trained_runs(configs, data, cache_dir, progress=progress)
     models = {name: run.model() for name, run in trained.items()}
     training = {name: run.metrics for name, run in trained.items()}
     runs = {name: {"directory": str(run.directory), "reused": run.reused,

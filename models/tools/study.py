@@ -20,14 +20,12 @@ import analysis
 
 from ..inference import snlp
 from ..io import save_figure, write_atomic, write_json
-from ..nanochat.gpt import GPT
+from ..nanochat.gpt import GPT, GPTConfig
 from ..training.evaluate import Validation, grid, grid_table
 from . import claims as claims_table
-from .bench import SEQUENTIAL, prefill_rows
+from .bench import speedups
 from .names import plan_name
 
-GRID_SPEEDUP = ("The grid's speedup column is the evaluation's own wall-time ratio over its validation batches; the "
-                "claims and the frontier use the batch-1 timings of the benchmark suite (median, repeats interleaved).")
 CONVERGENCE = {"Jacobi": ls.Zero(), "IDN": ls.Identity()}  # the strategies of the convergence figures
 
 
@@ -46,11 +44,13 @@ def iteration_counts(n_par: int) -> list[int]:
     return sorted({k for k in (1, 2, 4) if k < n_par} | {n_par})
 
 
-def study_plans(n_layer: int) -> dict[str, snlp.Plan]:
+def study_plans(config: GPTConfig) -> dict[str, snlp.Plan]:
+    """The study's plans for a model of `config` (no fused plan for mHC, whose hyper-connections do not fuse)."""
+    n_layer = config.n_layer
     half = max(1, n_layer // 2)
     plans = [snlp.Plan(n_par=half, jacobian=j, iters=k) for j in CONVERGENCE.values() for k in iteration_counts(half)]
     plans += [snlp.Plan(n_par=half, iters=1, init="one_step"), snlp.Plan(n_par=n_layer, iters=1)]
-    if half % 2 == 0 and half >= 4:
+    if half % 2 == 0 and half >= 4 and not config.use_mhc:
         plans.append(snlp.Plan(n_par=half, iters=1, fuse=2))
     return {plan_name(p): p for p in plans}
 
@@ -65,17 +65,6 @@ def convergence(model: GPT, x: torch.Tensor) -> dict[str, ls.Stats]:
         with torch.no_grad():
             runs[label] = snlp.forward(model, x, plan, throw=False, reference=exact).stats
     return runs
-
-
-def speeds(model: GPT, x: torch.Tensor, plans: Mapping[str, snlp.Plan], cfg: StudyConfig,
-           progress: Callable[[str], None]) -> dict:
-    """Every plan timed beside the eager sequential forward on one sequence (batch 1), with the benchmark suite's
-    `prefill_rows`: median seconds and speedup over that baseline."""
-    rows = prefill_rows(model, x[:1], plans, cfg.timing_warmup, cfg.timing_repeats, progress)
-    base = rows[0]["median_s"]
-    return {"baseline": f"eager {SEQUENTIAL} forward, batch 1 x {x.shape[1]} tokens, this machine",
-            "rows": {r["case"]: {"median_s": r["median_s"], "min_s": r["min_s"], "max_s": r["max_s"],
-                                 "speedup": base / r["median_s"], "result": r.get("result")} for r in rows}}
 
 
 def run(models: Mapping[str, GPT], validation: Validation, out_dir: str | Path, baseline: str | None = None,
@@ -94,7 +83,7 @@ def run(models: Mapping[str, GPT], validation: Validation, out_dir: str | Path, 
     stats = {}
     for label, model in models.items():
         model.eval()
-        plans = study_plans(model.config.n_layer)
+        plans = study_plans(model.config)
         progress(f"== {label}: evaluation grid ({len(plans)} plans)")
         rows = grid(model, validation, plans, progress)
         progress(f"== {label}: convergence and speed")
@@ -102,7 +91,8 @@ def run(models: Mapping[str, GPT], validation: Validation, out_dir: str | Path, 
         results["models"][label] = {
             "n_layer": model.config.n_layer, "n_par": max(1, model.config.n_layer // 2), "grid": rows,
             "convergence": {k: analysis.convergence_record(s) for k, s in stats[label].items()},
-            "speed": speeds(model, x, plans, cfg, progress)}
+            # batch 1: the latency case, where layer parallelism pays (docs/study.md)
+            "speed": speedups(model, x[:1], plans, cfg.timing_warmup, cfg.timing_repeats, progress)}
     results["claims"] = claims_table.assess(results)
     figures = write_figures(results, stats, training or {}, out_dir)
     results["figures"] = sorted(figures)
@@ -135,8 +125,8 @@ def frontier(results: dict) -> list:
     """Frontier points of every model: each plan's validation perplexity against its measured speedup."""
     points = []
     for name, model in results["models"].items():
-        speedups = {plan: row["speedup"] for plan, row in model["speed"]["rows"].items()}
-        points += analysis.frontier_points(model["grid"], speedups, group=name)
+        measured = {plan: row["speedup"] for plan, row in model["speed"]["rows"].items()}
+        points += analysis.frontier_points(model["grid"], measured, group=name)
     return points
 
 
@@ -146,8 +136,7 @@ def summary(results: dict) -> str:
     for row in results["claims"]:
         lines += [f"  [{claims_table.verdict(row['agrees'])}] {row['claim']}", f"      ours: {row['ours']}"]
     for label, model in results["models"].items():
-        lines += ["", f"{label}:", grid_table(model["grid"])]
-    lines += ["", GRID_SPEEDUP]
+        lines += ["", f"{label}:", grid_table(model["grid"], model["speed"])]
     return "\n".join(lines)
 
 
@@ -157,7 +146,8 @@ def report(results: dict) -> str:
     for name, model in results["models"].items():
         speed = model["speed"]
         lines += [f"## {name} ({model['n_layer']} layers, tail n = {model['n_par']})", "", "```",
-                  grid_table(model["grid"]), "```", "", GRID_SPEEDUP, "", f"Measured speed (baseline: {speed['baseline']}):", "", "```"]
+                  grid_table(model["grid"], speed), "```", "", f"Measured speed (baseline: {speed['baseline']}):", "",
+                  "```"]
         lines += [f"{plan:<28} {row['median_s'] * 1e3:8.2f} ms  {row['speedup']:5.2f}x"
                   for plan, row in speed["rows"].items()]
         lines += ["```", ""]

@@ -6,8 +6,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+import torch
+
 from ..inference import snlp
-from ..nanochat.gpt import GPTConfig
+from ..nanochat.gpt import GPT, GPTConfig
 from .regularizer import Regularizer
 
 
@@ -35,10 +37,33 @@ class TrainConfig:
     eval_every: int = 100
     eval_tokens: int = 16384
     save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int | None = 3  # the newest checkpoints kept (the final one among them); None: all
     seed: int = 0
+
+    def check(self) -> None:
+        """Refuse, before any work, a run that cannot be trained: a count out of range, or a regularizer or
+        SNLP-forward plan that the model does not take (checked on the model's shapes, without weights)."""
+        for name in ("steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.keep_checkpoints is not None and (not isinstance(self.keep_checkpoints, int)
+                                                  or self.keep_checkpoints < 1):
+            raise ValueError(f"keep_checkpoints must be an int >= 1 or None (all), got {self.keep_checkpoints!r}")
+        model = model_shapes(self.model)
+        if self.regularizer is not None:
+            self.regularizer.check(model)
+        if self.sft_plan is not None:
+            self.sft_plan.check(model)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=repr))
+
+
+def model_shapes(config: GPTConfig) -> GPT:
+    """The model of `config` on the meta device: its shapes, no weights; what plans are checked against before a
+    run's work starts."""
+    with torch.device("meta"):
+        return GPT(config)
 
 
 def gpu_model(depth: int, aspect_ratio: int = 64, head_dim: int = 128, sequence_len: int = 2048,

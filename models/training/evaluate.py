@@ -1,6 +1,7 @@
 """Evaluation: perplexity and bits per byte on a fixed validation stream, for the sequential forward and for a grid
 of SNLP plans, with agreement against the sequential logits, per-layer error of the final iterate, how the solves
-ended, wall time, and autoregressive token agreement.
+ended, and autoregressive token agreement. Speed is not measured here: `models.tools.bench.speedups` times the
+plans for every table that shows it, by one method.
 
 Loss, perplexity and bits per byte count the targets that stand for text: special tokens (BOS, which starts
 every document) decode to no bytes and are left out of the loss, its token count and the unigram baseline alike,
@@ -9,7 +10,6 @@ as nanochat's evaluate_bpb leaves them out."""
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -89,37 +89,29 @@ def sequential_metrics(model: GPT, val: Validation) -> dict:
 @torch.no_grad()
 def plan_metrics(model: GPT, val: Validation, plan: snlp.Plan | None) -> dict:
     """One cell of the grid: quality of the plan's logits, their agreement with the sequential logits (over every
-    position), the tail's per-layer relative error of the final iterate (max over batches), how its solves ended
-    (the worst result over batches, and how many batches did not end ok), and the wall time of both forwards."""
+    position), the tail's per-layer relative error of the final iterate (max over batches), and how its solves
+    ended (the worst result over batches, and how many batches did not end ok). No timing: a plan's speed is
+    measured once, by the benchmarks' method (`models.tools.bench.speedups`), for every table that shows it."""
     device = model.lm_head.weight.device
     sums, positions, agree, cosine = TextSums(), 0, 0.0, 0.0
     layer_error, results = None, []
-    seconds = {"plan": 0.0, "sequential": 0.0}
     for x, y in val.batches(device):
-        t0 = time.perf_counter()
         reference = model(x)
-        t1 = time.perf_counter()
         if plan is None:
             logits = reference
         else:
             _, exact = snlp.sequential_trace(model, x, plan)
-            t1 = time.perf_counter()
             out = snlp.forward(model, x, plan, throw=False, reference=exact)
             logits = out.logits
             results.append(out.result)
             errors = out.stats.error[-1]
             layer_error = errors if layer_error is None else torch.maximum(layer_error, errors)
-        t2 = time.perf_counter()
-        seconds["sequential"] += t1 - t0
-        seconds["plan"] += t2 - t1 if plan is not None else t1 - t0
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")  # logits: >= float32
         sums = sums + TextSums.of(losses, y.flatten(), val)
         positions += y.numel()
         agree += float((logits.argmax(-1) == reference.argmax(-1)).sum())
         cosine += float(F.cosine_similarity(logits, reference, dim=-1).sum())
-    row = {"quality": sums.quality(), "top1_agreement": agree / positions, "mean_cosine": cosine / positions,
-           "seconds": seconds,
-           "speedup": seconds["sequential"] / seconds["plan"] if seconds["plan"] else float("nan")}
+    row = {"quality": sums.quality(), "top1_agreement": agree / positions, "mean_cosine": cosine / positions}
     if plan is not None:
         row["result"] = ls.Result.worst(results).name
         row["failed_batches"] = sum(not r.ok for r in results)
@@ -147,19 +139,35 @@ def grid(model: GPT, val: Validation, plans: Mapping[str, snlp.Plan],
     return rows
 
 
-def grid_table(rows: dict) -> str:
-    """The grid as text; a row whose solve did not end ok on some batch is marked, and a note says what the
-    mark means."""
-    lines = [f"{'plan':<28} {'ppl':>9} {'bpb':>7} {'top-1':>7} {'cosine':>7} {'max layer err':>14} {'speedup':>8}  "
-             "solve"]
+def grid_table(rows: dict, speed: dict | None = None) -> str:
+    """The grid as text, with a legend of its columns under it; `speed` (from `models.tools.bench.speedups`) adds
+    the speedup column and names its baseline. A row whose solve did not end ok on some batch is marked."""
+    width = max(28, *(len(name) for name in rows))
+    lines = [f"{'plan':<{width}} {'ppl':>9} {'bpb':>7} {'top-1':>7} {'cosine':>7} {'max layer err':>14}"
+             + (f" {'speedup':>8}" if speed else "") + "  solve"]
     for name, r in rows.items():
         err = max(r["layer_error"]) if r.get("layer_error") else 0.0
-        lines.append(f"{name:<28} {r['quality']['ppl']:>9.3f} {r['quality']['bpb']:>7.4f} {r['top1_agreement']:>7.3f} "
-                     f"{r['mean_cosine']:>7.4f} {err:>14.2e} {r['speedup']:>7.2f}x  {_outcome(r)}")
+        timing = f" {speed['rows'][name]['speedup']:>7.2f}x" if speed else ""
+        lines.append(f"{name:<{width}} {r['quality']['ppl']:>9.3f} {r['quality']['bpb']:>7.4f} "
+                     f"{r['top1_agreement']:>7.3f} {r['mean_cosine']:>7.4f} {err:>14.2e}{timing}  {_outcome(r)}")
+    lines += ["", *legend(speed)]
     if any(r.get("failed_batches") for r in rows.values()):
         lines.append(f"{FAILED_MARK}: the solve did not end ok (diverged, non-finite or short of its tolerance) on "
                      "that many batches, whose logits are not the model's: the row is not the plan's quality")
     return "\n".join(lines)
+
+
+def legend(speed: dict | None) -> list[str]:
+    """What each column of `grid_table` measures."""
+    lines = ["ppl, bpb: validation perplexity and bits per byte of the plan's logits. top-1, cosine: agreement of its "
+             "logits with the sequential forward's (argmax, cosine), over every position.",
+             "max layer err: the largest relative error ||h_l - h_l*|| / ||h_l*|| of the tail's final iterate against "
+             "the sequential trace, over its layers and the batches. K0: the initial guess only, no iteration.",
+             "solve: how the tail's solve ended (COMPLETED: K iterations done; CONVERGED: exact to rounding)."]
+    if speed:
+        lines.append(f"speedup: the median time of the {speed['baseline']} over the plan's, {speed['repeats']} "
+                     "calls each, interleaved, after warm-up (the method of `snlp bench`).")
+    return lines
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """Training: nanochat's recipe (Muon for block matrices, AdamW for embeddings, head and scalars; warm-up, constant,
 linear warm-down), with SNLP-aware regularization and SNLP-forward fine-tuning; the step itself is `step.py`'s.
 
-Checkpoints (`checkpoint.py`) are written every `save_every` steps and at the end; `resume=True` continues from the
-latest bit-for-bit on the CPU. SIGINT or SIGTERM (Ctrl-C) stops the run after the step in flight, with a checkpoint
+Checkpoints (`checkpoint.py`) are written every `save_every` steps and at the end, the newest `keep_checkpoints`
+kept; `resume=True` continues from the latest bit-for-bit on the CPU. A new run needs an empty directory
+(`rundir.py`). SIGINT or SIGTERM (Ctrl-C) stops the run after the step in flight, with a checkpoint
 of it, by raising `Interrupted`; a second signal stops at once. Under torchrun the step is data-parallel with DDP,
 each rank on its slice of the batch.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import nanochat
+from . import rundir
 from ..progress import progress
 from ..nanochat.gpt import GPT
 from .checkpoint import Resumed, restore, save_checkpoint
@@ -92,12 +94,16 @@ class StopRequests:
         self._restore()
 
 
-def train(cfg: TrainConfig, data: Data, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train a model from scratch (or resume `out_dir`'s latest checkpoint); returns the metrics, also written to
-    `out_dir/metrics.json`, with the final checkpoint and the tokenizer in `out_dir`. Raises `Interrupted` after
-    saving, when a signal asked to stop."""
+def train(cfg: TrainConfig, data: Data, out_dir: str | Path, resume: bool = False, show_progress: bool = True,
+          overwrite: bool = False, notes: dict | None = None) -> dict:
+    """Train a model from scratch in an empty `out_dir` (or resume its latest checkpoint; or, with `overwrite`,
+    replace the run there); returns the metrics, also written to `out_dir/metrics.json`, with the newest
+    `cfg.keep_checkpoints` checkpoints and the tokenizer in `out_dir`. `notes`: JSON facts kept in every
+    checkpoint's meta. Raises `Interrupted` after saving, when a signal asked to stop."""
+    cfg.check()
     env = Distributed.from_env()
     out_dir = Path(out_dir)
+    rundir.start(out_dir, resume, overwrite, env.rank)
     if data.tokenizer.get_vocab_size() != cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {data.tokenizer.get_vocab_size()} tokens but the model config "
                          f"vocab_size={cfg.model.vocab_size}: train with --vocab-size equal to the tokenizer's")
@@ -132,7 +138,9 @@ def train(cfg: TrainConfig, data: Data, out_dir: str | Path, resume: bool = Fals
                 metrics["evals"].append({"step": done, **sequential_metrics(model, validation)})
                 model.train()
             if (cfg.save_every and done % cfg.save_every == 0) or last or stopping:
-                save_checkpoint(out_dir, done, model, opts, loader, cfg, metrics, env, tokenizer)
+                save_checkpoint(out_dir, done, model, opts, loader, cfg, metrics, env, tokenizer, notes)
+                if cfg.keep_checkpoints is not None:
+                    rundir.rotate(out_dir, cfg.keep_checkpoints, env.rank)
                 tokenizer = None
             if stopping:
                 raise Interrupted(done, out_dir)

@@ -1,0 +1,156 @@
+"""The command line's option types and its training flags.
+
+Every numeric option is checked at the edge by its type: a bad value stops argparse with "argument --depth: must be
+an integer >= 1, got '0'", before any work. `train_config` maps the flags to a `TrainConfig`. A run records the
+flags it was trained with in its checkpoints' meta, so that `snlp train --resume --out DIR` takes them from DIR:
+`resumed_flags` fills in every flag not given and refuses a given one that disagrees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+from .names import STRATEGIES, n_par_configs, strategy
+
+
+def bounded(kind: type, low: float, high: float | None = None) -> Callable[[str], int | float]:
+    """An argparse type: `kind` (int or float) parsed from the text, finite, and in [low, high]."""
+    noun = "an integer" if kind is int else "a number"
+    allowed = f"{noun} >= {low}" if high is None else f"{noun} in [{low}, {high}]"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    parse.__name__ = allowed  # what argparse would name the type in its own messages
+    return parse
+
+
+POSITIVE = bounded(int, 1)
+COUNT = bounded(int, 0)  # zero allowed: "none" or "only at the end", as each option's help says
+WEIGHT = bounded(float, 0.0)
+FRACTION = bounded(float, 0.0, 1.0)
+
+HEAD_DIM = 64  # --width sizes heads of 64, as nanochat's small models
+RUN_FLAGS = "flags"  # the key of the training flags in a checkpoint's meta
+RESUME_MAY_CHANGE = ("steps", "save_every", "keep")  # how far and how often, not what is trained
+NOT_RECORDED = ("command", "out", "resume", "overwrite", "given")
+
+
+def model_flags(p: argparse.ArgumentParser) -> None:
+    from ..training.config import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="base configuration (default tiny)")
+    p.add_argument("--steps", type=POSITIVE, help="optimizer steps")
+    p.add_argument("--batch-size", type=POSITIVE, help="sequences per step, over all processes")
+    p.add_argument("--seq-len", type=POSITIVE, help="context length (the model's sequence_len)")
+    p.add_argument("--vocab-size", type=POSITIVE, help="tokenizer and model vocabulary")
+    p.add_argument("--depth", type=POSITIVE, help="layers")
+    p.add_argument("--aspect-ratio", type=POSITIVE, help="n_embd = depth * aspect ratio, rounded up to --head-dim")
+    p.add_argument("--head-dim", type=POSITIVE, default=None, help="head dim for --aspect-ratio sizing (default 128)")
+    p.add_argument("--width", type=POSITIVE, help=f"n_embd directly, a multiple of {HEAD_DIM} (heads of {HEAD_DIM})")
+    p.add_argument("--no-x0-resid", action="store_true")
+    p.add_argument("--no-ve", action="store_true")
+    p.add_argument("--mhc", type=POSITIVE, metavar="STREAMS", help="hyper-connections with this many streams")
+    p.add_argument("--mhc-dynamic", action="store_true", help="input-dependent (DeepSeek-style) hyper-connections")
+    p.add_argument("--eval-every", type=COUNT, help="validation every this many steps (0: at the end only)")
+    p.add_argument("--eval-tokens", type=POSITIVE)
+    p.add_argument("--seed", type=COUNT)
+
+
+def reg_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reg", choices=("none", *STRATEGIES), default="none",
+                   help="SNLP-aware regularization surrogate: idn, scaled, hcn (mHC), diagonal (Hutchinson)")
+    p.add_argument("--reg-lambda", type=WEIGHT, default=1.0, help="weight of the regularizer (default 1)")
+    p.add_argument("--n-par-configs", type=POSITIVE, nargs="+", help="tail lengths (default: L/4, L/2, 3L/4)")
+    p.add_argument("--reg-stride", type=COUNT, default=1,
+                   help="every stride-th tail layer and the last enter the loss (0: the published default, the last "
+                        "block alone on h_(L-n), IDN only)")
+    p.add_argument("--reg-warmup", type=FRACTION, default=0.2,
+                   help="fraction of training over which lambda ramps up")
+    p.add_argument("--reg-detach", action="store_true", help="detach the sequential target")
+    p.add_argument("--reg-mode", choices=("all", "sample", "batched"), default="all",
+                   help="all configs per step (published), one sampled config, or all in one batched call")
+    p.add_argument("--reg-probes", type=POSITIVE, default=1, help="Hutchinson probes for --reg diagonal")
+
+
+def train_config(args):
+    """The TrainConfig the flags describe; a size the model cannot take is refused here, naming the flag."""
+    from ..nanochat import GPTConfig
+    from ..training.regularizer import Regularizer
+    from ..training.config import PRESETS, gpu_model
+
+    cfg = PRESETS[args.preset]
+    model = cfg.model
+    if args.depth is not None or args.aspect_ratio is not None or args.width is not None:
+        depth = model.n_layer if args.depth is None else args.depth
+        if args.width is not None:
+            if args.width % HEAD_DIM:
+                raise ValueError(f"--width must be a multiple of {HEAD_DIM} (heads of {HEAD_DIM}), got {args.width}")
+            heads = args.width // HEAD_DIM
+            model = dataclasses.replace(model, n_layer=depth, n_embd=args.width, n_head=heads, n_kv_head=heads)
+        else:
+            model = gpu_model(depth, args.aspect_ratio or 64, args.head_dim or 128, model.sequence_len,
+                              model.vocab_size)
+    options = {"sequence_len": args.seq_len, "vocab_size": args.vocab_size, "no_x0_resid": args.no_x0_resid or None,
+               "no_ve": args.no_ve or None, "use_mhc": bool(args.mhc) or None, "mhc_num_streams": args.mhc,
+               "mhc_dynamic": args.mhc_dynamic or None}
+    model = GPTConfig(**{**dataclasses.asdict(model), **{k: v for k, v in options.items() if v is not None}})
+    changes = {"steps": args.steps, "batch_size": args.batch_size, "eval_every": args.eval_every,
+               "eval_tokens": args.eval_tokens, "seed": args.seed}
+    cfg = dataclasses.replace(cfg, model=model, **{k: v for k, v in changes.items() if v is not None})
+    if getattr(args, "reg", "none") != "none":
+        configs = tuple(args.n_par_configs or n_par_configs(model.n_layer))
+        reg = Regularizer(strategy(args.reg, args.reg_probes), configs, args.reg_stride, args.reg_detach,
+                          args.reg_mode)
+        cfg = dataclasses.replace(cfg, regularizer=reg, reg_lambda=args.reg_lambda, reg_warmup=args.reg_warmup)
+    return cfg
+
+
+def given(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations that `argv` (a subcommand's own arguments) sets itself, not through a default: argparse
+    leaves an attribute alone that the namespace already holds, unless an option on the line sets it."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions})
+    parser.parse_args(argv, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not unset}
+
+
+def recorded(args) -> dict:
+    """The flags a run records (JSON values; paths as strings)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in NOT_RECORDED}
+
+
+def resumed_flags(args, given_flags: set[str]):
+    """`args` for `--resume`: every flag not on the command line taken from the run's latest checkpoint, which
+    must agree with every flag that is (except how far and how often to train and save). A run whose checkpoints
+    record no flags (trained by the library) keeps the command line's, and `restore` compares the configs."""
+    from ..nanochat import checkpoint
+
+    steps = checkpoint.steps(args.out)
+    if not steps:
+        raise FileNotFoundError(f"--resume: no checkpoint in {args.out}; start without --resume")
+    try:
+        saved = json.loads(checkpoint.paths(args.out, steps[-1])[1].read_text()).get(RUN_FLAGS)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"--resume: the meta of {args.out}'s step {steps[-1]} cannot be read ({err})") from None
+    if saved is None:
+        return args
+    mine = recorded(args)
+    clashes = [f"--{k.replace('_', '-')} {mine[k]!r} (the run has {saved[k]!r})" for k in sorted(given_flags)
+               if k in saved and k not in RESUME_MAY_CHANGE and mine[k] != saved[k]]
+    if clashes:
+        raise ValueError(f"--resume: {args.out} was trained with other settings: {'; '.join(clashes)}. --resume "
+                         "takes the run's own settings: leave these out")
+    merged = {**saved, **{k: mine[k] for k in given_flags if k in mine}}
+    return argparse.Namespace(**{**vars(args), **merged})
