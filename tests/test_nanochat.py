@@ -82,7 +82,7 @@ class TestBadCheckpoints:
         self.save(tmp_path)
         path = tmp_path / "model_000003.pt"
         path.write_bytes(path.read_bytes()[:1000])
-        with pytest.raises(nanochat.CheckpointError, match=r"model_000003.pt: corrupt or not a torch checkpoint"):
+        with pytest.raises(nanochat.CheckpointError, match=r"model_000003.pt: corrupt or not a model checkpoint"):
             nanochat.load(tmp_path)
 
     def test_meta_and_state_mismatch(self, tmp_path):

@@ -48,9 +48,17 @@ def test_the_flags_choose_the_draft(run, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--draft-len", "0"], "--draft-len must be >= 1, got 0"),
-    (["--temperature", "-0.5"], "--temperature must be >= 0, got -0.5"),
-    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--draft-len", "0"], "argument --draft-len: must be an integer >= 1, got '0'"),
+    (["--temperature", "-0.5"], "argument --temperature: must be a number >= 0.0, got '-0.5'"),
+    (["--top-k", "-1"], "argument --top-k: must be an integer >= 0, got '-1'"),
+])
+def test_bad_numbers_are_refused_at_the_edge(run, capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", str(run), "--speculative", *flags])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
     (["--n-par", "5"], r"--n-par 5: Plan.n_par must be an int in \[1, 4\]"),
     (["--max-new", "400"], r"--prompt \(\d+ tokens\) and --max-new 400 exceed the model's rotary cache of 320"),
 ])

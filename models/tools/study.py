@@ -23,7 +23,7 @@ from ..io import save_figure, write_atomic, write_json
 from ..nanochat.gpt import GPT, GPTConfig
 from ..training.evaluate import Validation, grid, grid_table
 from . import claims as claims_table
-from .bench import speedups
+from .bench import environment, speedups
 from .names import plan_name
 
 CONVERGENCE = {"Jacobi": ls.Zero(), "IDN": ls.Identity()}  # the strategies of the convergence figures
@@ -78,8 +78,8 @@ def run(models: Mapping[str, GPT], validation: Validation, out_dir: str | Path, 
         raise ValueError(f"baseline={baseline!r} is not one of the models {sorted(models)}")
     out_dir = Path(out_dir)
     x, _ = next(iter(validation.batches()))
-    results = {"about": about or {}, "context": validation.seq_len, "tokens": validation.max_tokens,
-               "baseline": baseline, "models": {}}
+    results = {"about": about or {}, "environment": environment(x.device), "context": validation.seq_len,
+               "tokens": validation.max_tokens, "baseline": baseline, "models": {}}
     stats = {}
     for label, model in models.items():
         model.eval()
@@ -142,7 +142,10 @@ def summary(results: dict) -> str:
 
 def report(results: dict) -> str:
     """report.md: the claims table first, then each model's grid and the figures."""
-    lines = ["# SNLP study", "", claims_table.table(results["claims"]), ""]
+    env = results["environment"]
+    lines = ["# SNLP study", "", f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
+             f"code at commit {env['commit'] or 'unknown (not a git checkout)'}.", "",
+             claims_table.table(results["claims"]), ""]
     for name, model in results["models"].items():
         speed = model["speed"]
         lines += [f"## {name} ({model['n_layer']} layers, tail n = {model['n_par']})", "", "```",
