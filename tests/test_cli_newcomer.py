@@ -177,6 +177,19 @@ def test_11_every_table_times_plans_one_way_and_says_so(idn_run, tmp_path, capsy
     assert f"{speed['rows']['IDN n2 K1 repeat']['speedup']:.2f}x" in row  # the table prints the JSON's figure
 
 
+def test_12_committed_demo_results_say_which_commit_made_them():
+    """The committed demo results come from committed code, which they name (report and JSON alike)."""
+    results = ROOT / "benchmarks" / "results" / "cpu-demo-tiny"
+    commit = json.loads((results / "demo.json").read_text())["environment"]["commit"]
+    assert commit and not commit.endswith("+dirty")
+    assert f"code at commit {commit}" in (results / "report.md").read_text()
+    assert len(commit) == 40 and int(commit, 16) >= 0
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True)
+    if shallow.stdout.strip() == "false":  # a shallow clone lacks the history to look the commit up in
+        known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, capture_output=True)
+        assert known.returncode == 0, f"{commit} is not a commit of this repository"
+
+
 # 13 (the demo retrains everything on a second run): tests/test_cli.py::test_demo_pipeline_on_a_small_config runs
 # the demo twice through cli.main and asserts that the second run reuses both trained runs.
 # 14 (the README's examples and commands): tests/test_readme.py runs its Python blocks and its command lines as
