@@ -1,5 +1,5 @@
 """The house rules of the import graph: no cycles among the project's modules, and dependencies that point one way
-(layersolve <- models.nanochat <- models.inference <- models.training <- models.tools; analysis never imports
+(layersolve <- models.nanochat <- models.hf <- models.inference <- models.training <- models.tools; analysis never imports
 models; only models.tools imports analysis). Every import counts, including those inside functions and under
 TYPE_CHECKING, because each one is a dependency a reader must follow."""
 
@@ -73,7 +73,8 @@ def test_the_import_graph_has_no_cycle():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-LAYERS = ["layersolve", "models.io", "models.nanochat", "models.inference", "models.training", "models.tools"]
+LAYERS = ["layersolve", "models.io", "models.nanochat", "models.hf", "models.inference", "models.training",
+          "models.tools"]
 
 
 def layer(module: str) -> int | None:
@@ -111,3 +112,15 @@ def test_the_walk_sees_the_edges_it_must():
     assert "layersolve" in edges["models.nanochat.system"]
     assert "analysis" in edges["models.tools.demo"]
     assert "models.training.tokenizer" in edges["models.training.data"]
+
+
+def test_only_the_adapter_imports_transformers():
+    """transformers is an optional extra ([hf]): only models.hf imports it, and only inside the functions that load."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "transformers" or n.startswith("transformers.") for n in names):
+                found.append(name)
+    assert found and set(found) <= {"models.hf.load"}, sorted(set(found))

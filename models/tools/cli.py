@@ -19,6 +19,7 @@ from .names import STRATEGIES, n_par_configs, plan_name, strategy
 from .speculation import compare
 
 CACHE = Path(os.environ.get("SNLP_CACHE", "snlp-out/cache"))  # tokenizers and tokenized corpora
+HF_CONTEXT = 256  # tokens per sequence of `eval --hf` by default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,10 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     reg_flags(train)
 
     ev = sub.add_parser("eval", help="PPL / bpb of the sequential forward and a grid of SNLP plans")
-    ev.add_argument("checkpoint", type=Path, help="a run directory (model_*.pt, meta_*.json, tokenizer/)")
+    ev.add_argument("checkpoint", type=Path, nargs="?", help="a run directory (model_*.pt, meta_*.json, tokenizer/)")
+    ev.add_argument("--hf", type=Path, metavar="DIR", help="instead: a local Hugging Face model directory (weights, "
+                                                           "config, tokenizer; Llama, Mistral, Qwen2/3, Gemma2/3)")
     ev.add_argument("--step", type=COUNT)
     ev.add_argument("--corpus")
-    ev.add_argument("--context", type=POSITIVE, help="tokens per sequence (default: the model's sequence_len)")
+    ev.add_argument("--context", type=POSITIVE,
+                    help=f"tokens per sequence (default: the model's sequence_len; with --hf, {HF_CONTEXT})")
     ev.add_argument("--batch-size", type=POSITIVE, default=8)
     ev.add_argument("--max-tokens", type=POSITIVE, default=32768)
     ev.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["jacobi", "idn"])
@@ -107,7 +111,12 @@ def _parser() -> argparse.ArgumentParser:
                             "CUDA, else cpu")
     bench.add_argument("--out", type=Path, default=Path("snlp-out/bench"), help="directory for bench.json / .md")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--repeats", type=POSITIVE, default=5, help="--train: timed steps per mode")
+    bench.add_argument("--repeats", type=POSITIVE, default=5,
+                       help="--hf: timed calls per plan; --train: timed steps per mode")
+    bench.add_argument("--hf", type=Path, metavar="DIR",
+                       help="a local Hugging Face model directory: the grid of `snlp eval --hf` (Jacobi / IDN, K = 1, "
+                            "2, 4 over the last half) at batch 1 x --tokens, with --repeats timed calls per plan")
+    bench.add_argument("--tokens", type=POSITIVE, default=256, help="--hf: tokens per sequence")
     bench.add_argument("--train", action="store_true",
                        help="time training steps instead: plain vs the IDN regularizer in modes all / sample / "
                             "batched, on the tiny preset (configs L/4, L/2, 3L/4)")
@@ -199,7 +208,16 @@ def _eval(args) -> int:
     from ..training import evaluate
     from ..inference import snlp
 
-    model, tokenizer = _load_run(args.checkpoint, args.step)
+    if (args.checkpoint is None) == (args.hf is None):
+        raise ValueError("give a run directory or --hf DIR" + ("" if args.hf is None else ", not both"))
+    if args.hf is not None:
+        from .. import hf
+
+        model, tokenizer = hf.load(args.hf)
+        args.context = args.context or HF_CONTEXT  # their max_position_embeddings is thousands of tokens
+    else:
+        model, tokenizer = _load_run(args.checkpoint, args.step)
+    source = args.checkpoint or args.hf
     val = _validation(args, model, tokenizer)
     context = val.seq_len
     L = model.config.n_layer
@@ -212,14 +230,14 @@ def _eval(args) -> int:
     rows = evaluate.grid(model, val, named)
     first = next(iter(val.batches()))[0]
     speed = bench.speedups(model, first[:1], named, repeats=args.repeats)  # batch 1, as the study and the demo
-    results = {"checkpoint": str(args.checkpoint), "context": context, "tokens": args.max_tokens, "grid": rows,
+    results = {"checkpoint": str(source), "environment": bench.environment(first.device), "context": context, "tokens": args.max_tokens, "grid": rows,
                "speed": speed}
     if args.ar_prompts:
         prompts = next(iter(val.stream.validation_batches(args.ar_prompts, 32)))[0]
         results["autoregressive_agreement"] = {
             plan_name(p): evaluate.autoregressive_agreement(model, prompts, args.ar_new, p)
             for p in plans if p.fuse == 1 and p.init == "repeat"}
-    out = args.out or args.checkpoint / "eval.json"
+    out = args.out or source / "eval.json"
     write_json(out, results)
     print(evaluate.grid_table(rows, speed))
     for name, rate in results.get("autoregressive_agreement", {}).items():
@@ -322,6 +340,11 @@ def _bench(args) -> int:
 
     if args.train:
         return _bench_train(args)
+    if args.hf is not None:  # the same grid as `snlp eval --hf`, at the bench's size and repeats
+        return _eval(_parser().commands["eval"].parse_args(
+            ["--hf", str(args.hf), "--context", str(args.tokens), "--max-tokens", str(4 * args.tokens),
+             "--batch-size", "1", "--ar-prompts", "0", "--repeats", str(args.repeats), "--out",
+             str(args.out / "bench.json")]))
     device = torch.device(args.device)
     preset = args.preset or ("gpu-0.5b" if device.type == "cuda" else "cpu")
     results = suite.run(preset, device)

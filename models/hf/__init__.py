@@ -1,0 +1,12 @@
+"""Off-the-shelf Hugging Face causal LMs (Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3) under the same SNLP plans,
+decoders and evaluation as nanochat's models. Needs the `[hf]` extra (transformers).
+
+    from models import hf, snlp
+    model, tokenizer = hf.load("path/to/model")      # a local directory: weights, config, tokenizer
+    out = snlp.forward(model, idx, snlp.Plan(n_par=12, iters=2))
+"""
+
+from .adapter import SUPPORTED, HFConfig, HFModel, UnsupportedModel
+from .load import HFLoadError, HFTokenizer, load
+
+__all__ = ["HFModel", "HFConfig", "HFTokenizer", "HFLoadError", "load", "SUPPORTED", "UnsupportedModel"]

@@ -1,0 +1,117 @@
+"""Loading a local Hugging Face model directory (weights, config, tokenizer; no hub) as an `HFModel`, and its
+tokenizer with the methods the corpus and evaluation code call on nanochat's (`encode`, `token_bytes`, ...)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+import torch
+
+from .adapter import SUPPORTED, HFModel, UnsupportedModel
+
+WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+
+
+class HFLoadError(ValueError):
+    """A model directory that cannot be loaded: the message names it and what is missing."""
+
+
+def load(directory: str | Path, dtype: torch.dtype | None = None, parallel: str = "vmap") -> tuple[HFModel, "HFTokenizer"]:
+    """The model in `directory` (safetensors or .bin with config.json, or a single .gguf, which transformers
+    dequantizes) in eval mode, and its tokenizer. dtype: the compute dtype (default the checkpoint's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise HFLoadError(f"{d}: not a directory (expected a local model directory: config.json, weights, tokenizer)")
+    found = {pattern: sorted(d.glob(pattern)) for pattern in WEIGHTS}
+    if not any(found.values()):
+        raise HFLoadError(f"{d}: no model weights ({', '.join(WEIGHTS)}); save one with "
+                          f"model.save_pretrained({str(d)!r})")
+    gguf = {} if found["*.safetensors"] or found["pytorch_model*.bin"] else {"gguf_file": found["*.gguf"][0].name}
+    if not gguf:
+        if not (d / "config.json").exists():
+            raise HFLoadError(f"{d}: weights but no config.json")
+        kind = AutoConfig.from_pretrained(d).model_type
+        if kind not in SUPPORTED:  # before reading the weights
+            raise UnsupportedModel(f"{d}: model_type {kind!r} is not supported; supported: "
+                                   f"{', '.join(f'{v} ({k})' for k, v in SUPPORTED.items())}")
+    lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa", **gguf).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(d, **gguf)
+    except (OSError, ValueError) as err:
+        raise HFLoadError(f"{d}: no tokenizer could be loaded ({type(err).__name__}: {err}); save it beside the "
+                          f"weights with tokenizer.save_pretrained") from None
+    return HFModel(lm, parallel), HFTokenizer(tokenizer)
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte (Llama 3, Qwen, SmolLM)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class HFTokenizer:
+    """A transformers tokenizer with the methods of nanochat's `Tokenizer` that the corpus, the token cache and
+    the evaluation use."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def get_vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def get_bos_token_id(self) -> int:
+        """The token before every document: BOS, or EOS for tokenizers without one (Qwen)."""
+        bos = self.tokenizer.bos_token_id
+        bos = self.tokenizer.eos_token_id if bos is None else bos
+        if bos is None:
+            raise HFLoadError("the tokenizer has neither a BOS nor an EOS token to separate documents")
+        return bos
+
+    def encode(self, text: str | list[str], prepend: int | None = None) -> list[int] | list[list[int]]:
+        first = [] if prepend is None else [prepend]
+        if isinstance(text, str):
+            return first + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [first + ids for ids in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def token_bytes(self) -> torch.Tensor:
+        """(vocab,) int32: UTF-8 bytes per token id, 0 for special tokens. Byte-level BPE pieces count one byte per
+        character; SentencePiece pieces count "▁" as a space and byte-fallback pieces <0xNN> as one byte."""
+        alphabet = _byte_level_alphabet()
+        special = set(self.tokenizer.all_special_ids)
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.get_vocab_size())))
+
+        def size(i: int, piece: str | None) -> int:
+            if i in special or piece is None:
+                return 0
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                return 1
+            if all(c in alphabet for c in piece):
+                return len(piece)
+            return len(piece.replace("▁", " ").encode())
+
+        return torch.tensor([size(i, p) for i, p in enumerate(pieces)], dtype=torch.int32)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary and special tokens: it keys the cache of token ids."""
+        digest = hashlib.blake2b(type(self.tokenizer).__name__.encode(), digest_size=16)
+        for piece, i in sorted(self.tokenizer.get_vocab().items(), key=lambda item: item[1]):
+            digest.update(i.to_bytes(4, "little") + piece.encode() + b"\0")
+        digest.update(repr(sorted(self.tokenizer.all_special_ids)).encode())
+        return digest.hexdigest()
