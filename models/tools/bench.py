@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -85,6 +85,19 @@ def timer(device: torch.device):
     return timed
 
 
+def interleaved(calls: Mapping[str, Callable[[], object]], timed, warmup: int, repeats: int) -> dict[str, list]:
+    """Seconds per call of each named call: `warmup` untimed calls each, then `repeats` rounds of one timed call
+    of each in turn, so that a drift in the machine's speed falls on every call alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(timed(call))
+    return times
+
+
 @torch.inference_mode()
 def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: int = 2, repeats: int = 5,
                  progress=print) -> list[dict]:
@@ -109,13 +122,7 @@ def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], 
         return call
 
     calls = {name: caller(plan) for name, plan in cases.items()}
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            times[name].append(timed(call))
+    times = interleaved(calls, timed, warmup, repeats)
     rows = []
     for name, plan in cases.items():
         if idx.device.type == "cuda":

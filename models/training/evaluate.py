@@ -148,7 +148,9 @@ def grid_table(rows: dict, speed: dict | None = None) -> str:
     for name, r in rows.items():
         err = max(r["layer_error"]) if r.get("layer_error") else 0.0
         timing = f" {speed['rows'][name]['speedup']:>7.2f}x" if speed else ""
-        lines.append(f"{name:<{width}} {r['quality']['ppl']:>9.3f} {r['quality']['bpb']:>7.4f} "
+        ppl = r["quality"]["ppl"]
+        ppl = f"{ppl:>9.3f}" if ppl < 1e5 else f"{ppl:>9.3g}"  # a diverged plan's PPL keeps the column's width
+        lines.append(f"{name:<{width}} {ppl} {r['quality']['bpb']:>7.4f} "
                      f"{r['top1_agreement']:>7.3f} {r['mean_cosine']:>7.4f} {err:>14.2e}{timing}  {_outcome(r)}")
     lines += ["", *legend(speed)]
     if any(r.get("failed_batches") for r in rows.values()):
