@@ -51,12 +51,11 @@ class HFConfig:
 @dataclass(frozen=True)
 class Embedded:
     """The embedded tokens and what every layer needs beside its state, built once per input: x0 (B, T, D), the
-    first token's position, position ids (1, T), an additive mask (1, 1, T, position + T) per window (None: plain
+    first token's position, an additive mask (1, 1, T, position + T) per window (None: plain
     causal), and the rotary (cos, sin) (1, T, hd) per rotary type."""
 
     x0: Tensor
     position: int
-    position_ids: Tensor
     masks: dict
     rotary: dict
     last_embedding: None = None  # nanochat's smear reads the previous token's embedding; these models have none
@@ -72,6 +71,14 @@ def causal_mask(position: int, queries: int, window: int | None, dtype: torch.dt
     return torch.where(visible, zero, torch.finfo(dtype).min)[None, None]
 
 
+def check_supported(kind: str, where: str = "", what: str = "") -> None:
+    """Refuse a model_type outside SUPPORTED, naming it (`where` it comes from, `what` it is) and the supported
+    ones."""
+    if kind not in SUPPORTED:
+        raise UnsupportedModel(f"{where}model_type {kind!r}{what} is not supported; supported: "
+                               f"{', '.join(f'{v} ({k})' for k, v in SUPPORTED.items())}")
+
+
 class HFModel(nn.Module):
     """A supported `transformers` causal LM as a layer system's model. `parallel`: "vmap" (layers stacked and
     evaluated in one batched call; falls back to "loop" where vmap refuses the layer) or "loop". The stacked
@@ -81,9 +88,7 @@ class HFModel(nn.Module):
         super().__init__()
         cfg = lm.config
         kind = getattr(cfg, "model_type", type(cfg).__name__)
-        if kind not in SUPPORTED:
-            raise UnsupportedModel(f"model_type {kind!r} ({type(lm).__name__}) is not supported; supported: "
-                                   f"{', '.join(f'{v} ({k})' for k, v in SUPPORTED.items())}")
+        check_supported(kind, what=f" ({type(lm).__name__})")
         if cfg._attn_implementation not in ATTENTION:
             raise UnsupportedModel(f"attn_implementation {cfg._attn_implementation!r} is not supported (the adapter "
                                    f"passes additive masks): load the model with attn_implementation in {ATTENTION}")
@@ -111,10 +116,6 @@ class HFModel(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self.lm.lm_head
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     def forward(self, idx: Tensor) -> Tensor:
         """The model's own forward (transformers' code): logits (B, T, vocab_size). The baseline of every
@@ -144,7 +145,7 @@ class HFModel(nn.Module):
             args = (kind,) if self._rotary_by_type else ()
             cos, sin = self.lm.model.rotary_emb(x0, pos, *args)
             rotary[kind] = (cos.to(x0.dtype), sin.to(x0.dtype))
-        return Embedded(x0, position, pos, masks, rotary)
+        return Embedded(x0, position, masks, rotary)
 
     def layer_inputs(self, emb: Embedded, first: int, n: int, cache: KVCache | None = None,
                      unit: int = 0) -> LayerInputs:

@@ -34,7 +34,7 @@ Tensor = torch.Tensor
 class _Recorder:
     """The `cache` a layer sees: past keys and values (B, KV, P, hd) or None, and this call's new ones."""
 
-    def __init__(self, past_k: Tensor | None, past_v: Tensor | None):
+    def __init__(self, past_k: Tensor | None = None, past_v: Tensor | None = None):
         self.past_k, self.past_v = past_k, past_v
         self.k = self.v = None
 
@@ -91,9 +91,6 @@ class Layers:
                 self.base = copy.deepcopy(self.modules[0]).to("meta")
                 self._batched = torch.func.vmap(self._call_base)
 
-    def __len__(self) -> int:
-        return len(self.modules)
-
     def _fall_back(self, reason: str) -> None:
         warnings.warn(f"decoder layers evaluated one by one (parallel='loop'), not under vmap: {reason}",
                       stacklevel=3)
@@ -103,7 +100,7 @@ class Layers:
         return {"attention_mask": mask, "position_embeddings": (cos, sin), self.cache_name: recorder}
 
     def _call_base(self, params, x, mask, cos, sin, past):
-        recorder = _Recorder(*past) if past else _Recorder(None, None)
+        recorder = _Recorder(*past)
         out = torch.func.functional_call(self.base, params, (x,), self._kwargs(mask, cos, sin, recorder))
         return out, recorder.k, recorder.v
 
@@ -125,29 +122,27 @@ class Layers:
                 if "vmap" not in str(err) and "batching rule" not in str(err):
                     raise
                 self._fall_back(f"{type(err).__name__}: {str(err).splitlines()[0]}")
-        outs, ks, vs = [], [], []
-        for i in range(n):
-            recorder = _Recorder(*(p[i] for p in past)) if past else _Recorder(None, None)
-            outs.append(self.modules[first + i](inputs[i], **self._kwargs(extra.masks[i], extra.cos[i], extra.sin[i],
-                                                                          recorder)))
-            ks.append(recorder.k)
-            vs.append(recorder.v)
-        return torch.stack(outs), torch.stack(ks), torch.stack(vs)
+        return self._loop(first, inputs, extra, _Recorder)
 
     def keys_values(self, first: int, inputs: Tensor, extra: LayerInputs) -> tuple[Tensor, Tensor]:
         """Keys and values (n, B, KV, T, hd) of layers first .. at their inputs (n, B, T, D), without attention or
         MLP: each layer's forward stops where it hands them to the cache."""
-        ks, vs = [], []
+        return self._loop(first, inputs, extra, _StopAfterUpdate)[1:]
+
+    def _loop(self, first: int, inputs: Tensor, extra: LayerInputs, recorder: type[_Recorder]):
+        """The layer modules called one by one, each with a fresh `recorder` over its past keys and values:
+        (outputs or None when the recorder stops the forward, keys, values), stacked over the layers."""
+        outs, ks, vs = [], [], []
         for i in range(inputs.shape[0]):
-            recorder = _StopAfterUpdate(None, None)
+            cache = recorder(*(() if extra.past_k is None else (extra.past_k[i], extra.past_v[i])))
             try:
-                self.modules[first + i](inputs[i], **self._kwargs(extra.masks[i], extra.cos[i], extra.sin[i],
-                                                                  recorder))
+                outs.append(self.modules[first + i](inputs[i], **self._kwargs(extra.masks[i], extra.cos[i],
+                                                                              extra.sin[i], cache)))
             except _KeysValuesOnly:
                 pass
-            ks.append(recorder.k)
-            vs.append(recorder.v)
-        return torch.stack(ks), torch.stack(vs)
+            ks.append(cache.k)
+            vs.append(cache.v)
+        return (torch.stack(outs) if outs else None), torch.stack(ks), torch.stack(vs)
 
     def jvp(self, first: int, inputs: Tensor, tangents: Tensor, extra: LayerInputs) -> tuple[Tensor, Tensor]:
         """(outputs, J tangents) of the layers, by forward-mode AD through the unfused SDPA maths (the fused

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import SUPPORTED, HFModel, UnsupportedModel
+from .adapter import HFModel, check_supported
 
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
 
@@ -35,10 +35,7 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, parallel: str 
     if not gguf:
         if not (d / "config.json").exists():
             raise HFLoadError(f"{d}: weights but no config.json")
-        kind = AutoConfig.from_pretrained(d).model_type
-        if kind not in SUPPORTED:  # before reading the weights
-            raise UnsupportedModel(f"{d}: model_type {kind!r} is not supported; supported: "
-                                   f"{', '.join(f'{v} ({k})' for k, v in SUPPORTED.items())}")
+        check_supported(AutoConfig.from_pretrained(d).model_type, where=f"{d}: ")  # before reading the weights
     lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa", **gguf).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(d, **gguf)

@@ -230,8 +230,8 @@ def _eval(args) -> int:
     rows = evaluate.grid(model, val, named)
     first = next(iter(val.batches()))[0]
     speed = bench.speedups(model, first[:1], named, repeats=args.repeats)  # batch 1, as the study and the demo
-    results = {"checkpoint": str(source), "environment": bench.environment(first.device), "context": context, "tokens": args.max_tokens, "grid": rows,
-               "speed": speed}
+    results = {"checkpoint": str(source), "environment": bench.environment(first.device), "context": context,
+               "tokens": args.max_tokens, "grid": rows, "speed": speed}
     if args.ar_prompts:
         prompts = next(iter(val.stream.validation_batches(args.ar_prompts, 32)))[0]
         results["autoregressive_agreement"] = {
