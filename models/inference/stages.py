@@ -5,35 +5,97 @@ order, F_c = f_{cM} o ... o f_{(c-1)M+1}, and x_0 the embedding.
 layersolve solves it with stage-level surrogates exactly as it solves the block-level system. With the identity
 (IDN) the update is x_c^{k+1} = F_c(x_{c-1}^k) + (x_{c-1}^{k+1} - x_{c-1}^k): the change of each stage's input is
 the sum of the stage residuals before it, an exclusive scan over stages, and P iterations reproduce the sequential
-trace (finite termination over stages). In one process this is the reference for a multi-process runner, where
-each rank evaluates one F_c and the scan runs over ranks; here the stages are evaluated one after another.
+trace (finite termination over stages). In one process this is the reference for the multi-process runner
+(ranks.py), where each rank evaluates one F_c and the scan runs over ranks; here the stages run one after another.
+
+The states inside a stage (the inputs of its blocks after the first) are not in the stage trace. At the final
+iterate they are the stage's last evaluation moved by the surrogate's correction of its input, g (x_{c-1}^K -
+x_{c-1}^{K-1}), with g = 1 for IDN and 0 for Jacobi: the same correction the block-level solve would give them,
+since inside a stage each block was evaluated at its predecessor's output (residual 0). The backout state (the
+output of block L // 2 + 1) and a decoding stage's cached keys and values come from these states.
 
     system = StageSystem(model, model.embed(idx), stages=4)
     sol = ls.solve(system, system.h0, ls.Newton(jacobian=ls.Identity()), iters=1)
-    logits = system.logits(sol.trace)
+    logits = system.logits(sol.trace, previous, gain=1.0)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 import layersolve as ls
 
+from ..nanochat.block import Context, KVCache, block_kv
 from ..nanochat.gpt import GPT, Embedded
+
+GAINS = {ls.Identity: 1.0, ls.Zero: 0.0}  # the stage-level surrogates that act on a state as a scalar
+
+
+def surrogate_gain(jacobian: ls.Jacobian) -> float:
+    """g of a surrogate J~ = g I: how the correction of a stage's input moves its states."""
+    for kind, gain in GAINS.items():
+        if isinstance(jacobian, kind):
+            return gain
+    raise ValueError(f"jacobian={jacobian!r}: stages are corrected by a scalar surrogate, one of "
+                     f"{[kind.__name__ for kind in GAINS]}")
+
+
+def split(n_layer: int, stages: int) -> int:
+    """M = n_layer / stages, the blocks of a stage; an error naming the possible counts when it does not divide."""
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1 or n_layer % stages:
+        divisors = [p for p in range(1, n_layer + 1) if n_layer % p == 0]
+        raise ValueError(f"stages={stages!r} must divide the model's {n_layer} layers into equal stages: one of "
+                         f"{divisors}")
+    return n_layer // stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Stage `index` (0-based) of `model` split into stages of `size` blocks: blocks index*size .. (index+1)*size-1.
+    Its context and KV cache cover only its own blocks (unit j is block first + j)."""
+
+    model: GPT
+    index: int
+    size: int
+
+    @property
+    def blocks(self) -> range:
+        return range(self.index * self.size, (self.index + 1) * self.size)
+
+    def chain(self, h: torch.Tensor, ctx: Context, cache: KVCache | None = None,
+              stop: int | None = None) -> list[torch.Tensor]:
+        """The stage's states from its input h: [h, the output of its first block, ..., its output], or only the
+        first `stop` + 1 of them. With a cache, each block attends to its cached keys and stores these tokens'."""
+        states = [h]
+        for j, i in enumerate(self.blocks[:stop]):
+            states.append(self.model.block(i, states[-1], None, cache, ctx, unit=j))
+        return states
+
+    def keys_values(self, inputs: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (size, B, KV, T, hd) the stage's blocks compute from their inputs (size, *state), in
+        one batched call over the stacked weights."""
+        w = self.model.block_weights(slice(self.blocks.start, self.blocks.stop))
+        return block_kv(w, inputs, ctx.select(slice(0, self.size)))
+
+    @property
+    def backout(self) -> int | None:
+        """The index in `chain` of the model's backout state when it lies strictly inside this stage, else None
+        (then it is a state of the stage trace)."""
+        offset = self.model.backout_layer - self.blocks.start
+        return offset if 0 < offset < self.size else None
 
 
 class StageSystem(ls.LayerSystem):
     """x_c = F_c(x_{c-1}) over the P stages of `model` on the embedded tokens `emb`; the system's layer c - 1 is
-    stage c (blocks (c-1)M .. cM - 1, 0-based)."""
+    stage c."""
 
     def __init__(self, model: GPT, emb: Embedded, stages: int):
-        L = model.config.n_layer
-        if not isinstance(stages, int) or stages < 1 or L % stages:
-            divisors = [p for p in range(1, L + 1) if L % p == 0]
-            raise ValueError(f"stages={stages!r} must divide the model's {L} layers into equal stages: one of "
-                             f"{divisors}")
-        self.model, self.emb, self.size = model, emb, L // stages
-        self.ctx = emb.context()
+        size = split(model.config.n_layer, stages)
+        self.model, self.emb = model, emb
+        self.stages = [Stage(model, c, size) for c in range(stages)]
+        self.contexts = [emb.context(stage.blocks.start) for stage in self.stages]
         x0 = emb.x0
         super().__init__(self._outputs, stages, scales=torch.ones(stages, dtype=x0.dtype, device=x0.device),
                          state_shape=tuple(x0.shape), dtype=x0.dtype)
@@ -43,26 +105,21 @@ class StageSystem(ls.LayerSystem):
         """x_0: the embedding, the fixed input of stage 1."""
         return self.emb.x0
 
-    def blocks(self, stage: int) -> range:
-        """The blocks (0-based) of stage `stage` (0-based)."""
-        return range(stage * self.size, (stage + 1) * self.size)
-
-    def run(self, stage: int, h: torch.Tensor, stop: int | None = None) -> torch.Tensor:
-        """F_{stage+1}(h): the stage's blocks in order (only those before block `stop` when given)."""
-        for i in self.blocks(stage):
-            if stop is not None and i >= stop:
-                break
-            h = self.model.block(i, h, self.emb, ctx=self.ctx)
-        return h
+    def chain(self, stage: int, h: torch.Tensor, stop: int | None = None) -> list[torch.Tensor]:
+        """Stage `stage`'s (0-based) states from its input h (see Stage.chain)."""
+        return self.stages[stage].chain(h, self.contexts[stage], stop=stop)
 
     def _outputs(self, stages: slice, inputs: torch.Tensor) -> torch.Tensor:
         first = stages.indices(self.num_layers)[0]
-        return torch.stack([self.run(first + i, h) for i, h in enumerate(inputs)])
+        return torch.stack([self.chain(first + i, h)[-1] for i, h in enumerate(inputs)])
 
-    def logits(self, trace: torch.Tensor) -> torch.Tensor:
-        """Logits from a stage trace (P+1, *state): the last state, and the backout state (the output of block
-        L // 2 + 1, inside a stage unless M divides it) run from its stage's input in the trace."""
-        b = self.model.backout_layer  # trace index in blocks: h_b is the output of block b (1-based)
-        stage, offset = divmod(b, self.size)
-        backout = trace[stage] if offset == 0 else self.run(stage, trace[stage], stop=b)
-        return self.model.head(trace[-1], backout)
+    def logits(self, trace: torch.Tensor, previous: torch.Tensor | None = None, gain: float = 1.0) -> torch.Tensor:
+        """Logits from a stage trace x^K (P+1, *state): its last state, and the backout state. `previous`: x^{K-1},
+        the iterate the last evaluation saw (default: x^K itself, as after convergence); the backout state is that
+        evaluation's, moved by gain * (x^K - x^{K-1}) of its stage's input."""
+        previous = trace if previous is None else previous
+        for c, stage in enumerate(self.stages):
+            if stage.backout is not None:
+                backout = self.chain(c, previous[c], stop=stage.backout)[-1] + gain * (trace[c] - previous[c])
+                return self.model.head(trace[-1], backout)
+        return self.model.head(trace[-1], trace[self.model.backout_layer // self.stages[0].size])

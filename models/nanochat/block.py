@@ -332,13 +332,13 @@ def block_forward(w: BlockWeights, h: Tensor, ctx: Context, want_mixing: bool = 
     return BlockOutput(out, k, v, skip_mixing(res, res2, w.resid) if want_mixing else None)
 
 
-def run_block(w: BlockWeights, layer: int, h: Tensor, ctx: Context, cache: KVCache | None = None,
+def run_block(w: BlockWeights, unit: int, h: Tensor, ctx: Context, cache: KVCache | None = None,
               forward=block_forward) -> Tensor:
-    """One block, of index `layer` in the model, with its weights w (a stack of one) on h (B, T, D), or
-    (B, S, T, D) with mHC. ctx covers every layer. With a KV cache (decoding), the block attends to its cached keys
-    and values of earlier tokens and stores these tokens' own. `forward`: block_forward, or a compiled version of
-    it (GPT.compile_blocks)."""
-    return forward(w, h[None], ctx.select(slice(layer, layer + 1), cache)).out[0]  # n = 1
+    """One block, of index `unit` in ctx and the cache (its index in the model when they cover every layer), with
+    its weights w (a stack of one) on h (B, T, D), or (B, S, T, D) with mHC. With a KV cache (decoding), the block
+    attends to its cached keys and values of earlier tokens and stores these tokens' own. `forward`: block_forward,
+    or a compiled version of it (GPT.compile_blocks)."""
+    return forward(w, h[None], ctx.select(slice(unit, unit + 1), cache)).out[0]  # n = 1
 
 
 def block_kv(w: BlockWeights, h: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:

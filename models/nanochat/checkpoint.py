@@ -14,11 +14,13 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..io import write_atomic, write_json
 
+from .block import rotary_tables
 from .config import GPTConfig, has_ve
 from .gpt import GPT
 
@@ -76,8 +78,12 @@ def neutral_defaults(cfg: GPTConfig) -> dict[str, torch.Tensor]:
 
 
 def load(directory: str | Path, step: int | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype = torch.float32) -> GPT:
-    """The model of `directory`'s checkpoint at `step` (default: the latest), with weights in `dtype`."""
+         dtype: torch.dtype = torch.float32, keep: Callable[[GPTConfig, str], bool] | None = None) -> GPT:
+    """The model of `directory`'s checkpoint at `step` (default: the latest), with weights in `dtype`.
+
+    keep(config, key): load only the state_dict keys it accepts (a stage of a model split across processes); the
+    other parameters stay on the meta device, holding no memory, and since the file is memory-mapped their bytes
+    are never read. The whole file is still checked against the config."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
@@ -90,7 +96,7 @@ def load(directory: str | Path, step: int | None = None, device: str | torch.dev
     model_path, meta_path = paths(directory, step)
     cfg = read_config(meta_path)
     try:
-        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        state = torch.load(model_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         # Not torch's own message: it advises weights_only=False, which cannot read random bytes either and would
         # run whatever code a foreign pickle holds.
@@ -101,7 +107,8 @@ def load(directory: str | Path, step: int | None = None, device: str | torch.dev
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     for key, value in neutral_defaults(cfg).items():
         state.setdefault(key, value)
-    model = GPT(cfg)
+    with torch.device("meta"):  # shapes only: the weights are the file's, each cast once to dtype
+        model = GPT(cfg)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
@@ -111,8 +118,13 @@ def load(directory: str | Path, step: int | None = None, device: str | torch.dev
                        f"{k}: file {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}" for k in wrong[:8])]
         raise CheckpointError(f"{model_path} does not match the model_config of {meta_path.name}: "
                               + "; ".join(d for d in details if d))
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
-    return model.to(device=device, dtype=dtype)
+    # copies, not views of the mapped file, which a later save may replace
+    model.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
+                           for k, v in state.items() if keep is None or keep(cfg, k)}, strict=keep is None,
+                          assign=True)
+    cos, sin = rotary_tables(model.rotary_len, cfg.head_dim)  # buffers, not in the file: built on the meta device
+    model.cos, model.sin = cos.to(device), sin.to(device)
+    return model
 
 
 def config_dict(cfg: GPTConfig) -> dict:

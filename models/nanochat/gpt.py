@@ -113,16 +113,17 @@ class Block(nn.Module):
 @dataclass(frozen=True)
 class Embedded:
     """The token side of a forward: x0 (B, T, D), or (B, S, T, D) with mHC (the streams replicated), the value
-    embeddings of every layer (L, B, T, KV*hd) with zeros on layers without them (None with no_ve), the rotary
-    tables of the tokens' positions, their first position, and the last token's normed embedding (for the smear of
-    the next token when decoding)."""
+    embeddings of every layer (L, B, T, KV*hd) with zeros on layers without them (None with no_ve; a stage of a
+    split model holds only its own layers', indexed from its first), the rotary tables of the tokens' positions,
+    their first position, and the last token's normed embedding (for the smear of the next token when decoding; None
+    where the embedding is not computed)."""
 
     x0: torch.Tensor
     ve: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
     position: int
-    last_embedding: torch.Tensor
+    last_embedding: torch.Tensor | None
 
     def context(self, start: int = 0, fuse: int = 1) -> Context:
         """What the units from layer `start` on share, `fuse` blocks to a unit: their value embeddings cut and
@@ -238,9 +239,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {position + idx.shape[1]} tokens exceeds the rotary cache of "
                              f"{self.rotary_len} tokens (10 x sequence_len={self.config.sequence_len})")
 
-    def embed(self, idx: torch.Tensor, position: int = 0, previous: torch.Tensor | None = None) -> Embedded:
+    def embed(self, idx: torch.Tensor, position: int = 0, previous: torch.Tensor | None = None,
+              layers: range | None = None) -> Embedded:
         """Token embedding, norm, smear (the previous token's normed embedding, gated), value embeddings, x0.
-        `previous` is the normed embedding of the token before idx[:, 0] when decoding, else None."""
+        `previous` is the normed embedding of the token before idx[:, 0] when decoding, else None. `layers`: the
+        layers whose value embeddings to compute (default all; a stage of a split model holds only its own)."""
         if not torch.compiler.is_compiling():  # the checks read values on the host: a graph break under compile
             self.check_tokens(idx, position)
             self.prepared.refresh(self._parameter_list())
@@ -253,16 +256,24 @@ class GPT(nn.Module):
             x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
         else:
             x = x + gate * torch.cat([previous, x[:, :-1]], dim=1)
-        ve = None
-        if not cfg.no_ve and self.value_embeds:
-            zeros = x.new_zeros(B, T, cfg.n_kv_head * cfg.head_dim)
-            ve = torch.stack([self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else zeros
-                              for i in range(cfg.n_layer)])  # (L, B, T, KV*hd)
         if cfg.use_mhc:  # the streams start as copies of the embedding
             x = x.unsqueeze(1).expand(B, cfg.mhc_num_streams, T, cfg.n_embd)  # (B, S, T, D)
+        return self.embedded(x, idx, position, range(cfg.n_layer) if layers is None else layers, last)
+
+    def embedded(self, x0: torch.Tensor, idx: torch.Tensor, position: int, layers: range,
+                 last: torch.Tensor | None = None) -> Embedded:
+        """The Embedded of x0 for the tokens idx (B, T) at `position`: the value embeddings of `layers` (zeros on
+        layers without them) and the rotary tables. A stage of a split model builds it from the x0 it receives."""
+        cfg = self.config
+        ve = None
+        if not cfg.no_ve and self.value_embeds:
+            zeros = x0.new_zeros(*idx.shape, cfg.n_kv_head * cfg.head_dim)
+            ve = torch.stack([self.value_embeds[str(i)](idx).to(x0.dtype) if str(i) in self.value_embeds else zeros
+                              for i in layers])  # (len(layers), B, T, KV*hd)
         # the rotary tables are float64; cast once here rather than in every block's apply_rotary
-        cos, sin = self.cos[position:position + T].to(x.dtype), self.sin[position:position + T].to(x.dtype)
-        return Embedded(x, ve, cos, sin, position, last)
+        T = idx.shape[1]
+        cos, sin = self.cos[position:position + T].to(x0.dtype), self.sin[position:position + T].to(x0.dtype)
+        return Embedded(x0, ve, cos, sin, position, last)
 
     # -- the blocks: h_l = f_l(h_{l-1}) ---------------------------------------------------------------------------
 
@@ -279,12 +290,13 @@ class GPT(nn.Module):
         return self.resid_lambdas[layers], self.x0_lambdas[layers]
 
     def block(self, i: int, h: torch.Tensor, emb: Embedded, cache: KVCache | None = None,
-              ctx: Context | None = None) -> torch.Tensor:
+              ctx: Context | None = None, unit: int | None = None) -> torch.Tensor:
         """f_{i+1}(h): block i on the state h (B, T, D), or (B, S, T, D) with mHC; `cache` as in `trace`; `ctx`:
-        `emb.context()` when the caller has it already. The same maths as the module's forward, with prepared
-        weights."""
-        return run_block(self.block_weights(slice(i, i + 1)), i, h, emb.context() if ctx is None else ctx, cache,
-                         self._forward_with(cache))
+        `emb.context()` when the caller has it already. `unit`: the block's index in ctx and the cache when they
+        cover only some layers (a stage of a split model), default i. The same maths as the module's forward, with
+        prepared weights."""
+        return run_block(self.block_weights(slice(i, i + 1)), i if unit is None else unit, h,
+                         emb.context() if ctx is None else ctx, cache, self._forward_with(cache))
 
     def trace(self, emb: Embedded, stop: int | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
         """The sequential trace h_0 .. h_stop (default: every layer), one block after another. With a KV cache of

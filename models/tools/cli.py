@@ -103,6 +103,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="self-speculative decoding: the SNLP plan drafts, the sequential model verifies (its "
                           "output, not the plan's); prints acceptance and the speedup over sequential decoding")
     gen.add_argument("--draft-len", type=POSITIVE, default=4, metavar="B", help="--speculative: tokens drafted per round")
+    gen.add_argument("--stages", type=POSITIVE, metavar="P", help="split the layers across P processes (run under "
+                     "`torchrun --nproc-per-node P`): SNLP over stages with --iters K (default 1), or --pipeline")
+    gen.add_argument("--pipeline", action="store_true", help="--stages: each stage waits for the previous one")
+    gen.add_argument("--bench", action="store_true", help="--stages: time the pipeline and the SNLP plan in turn "
+                     "(greedy), print the latency per token and the top-1 agreement")
+    gen.add_argument("--repeats", type=POSITIVE, default=5, help="--bench: sequences per mode")
+    gen.add_argument("--timeout", type=POSITIVE, default=60, help="--stages: seconds to wait for another rank")
+    gen.add_argument("--out", type=Path, help="--bench: write the measurements to this JSON file")
 
     bench = sub.add_parser("bench", help="prefill and decoding: sequential vs SNLP plans, JSON + tables")
     bench.add_argument("--preset", choices=sorted(suite.PRESETS), default=None,
@@ -290,6 +298,12 @@ def _study(args) -> int:
 def _generate(args) -> int:
     from ..inference.decode import generate
 
+    if args.stages is not None:
+        from . import staged
+
+        return staged.run(args)
+    if args.pipeline or args.bench:
+        raise ValueError("--pipeline and --bench are for a model split across processes: give --stages P")
     model, tokenizer = _load_run(args.checkpoint)
     plan = _generate_plan(args, model)
     prompt = torch.tensor([tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())])

@@ -1,0 +1,91 @@
+"""`snlp generate CKPT --stages P` under `torchrun --nproc-per-node P`: the model split by layers across the
+processes (models.inference.ranks), decoding as a pipeline or with SNLP over stages; `--bench` times both on the
+same processes and weights and prints the latency per token and SNLP's top-1 agreement with the pipeline."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ..inference import ranks
+from ..io import write_json
+from . import bench
+from .names import strategy
+
+
+def run(args) -> int:
+    """One rank's part of `snlp generate --stages`."""
+    rank, device = ranks.init_process_group(args.stages, args.timeout)
+    try:
+        model = ranks.load_stage(args.checkpoint, rank, args.stages, device=device)
+        plan = ranks.StagePlan(None if args.pipeline else args.iters or 1, strategy(args.strategy))
+        plan.check(args.stages)
+        runner = ranks.StageRunner(model, args.stages, ranks.Peers(args.timeout))
+        if rank != 0:
+            runner.serve()
+            return 0
+        try:
+            return _bench(args, runner, plan, device) if args.bench else _generate(args, runner, plan, device)
+        finally:
+            runner.close()
+    except ranks.StageError as err:
+        print(f"snlp generate: {err}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy_process_group()
+
+
+def _prompt(args, runner, device):
+    from ..training.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.checkpoint / "tokenizer")
+    if tokenizer.get_vocab_size() != runner.model.config.vocab_size:
+        raise ValueError(f"{args.checkpoint / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens but the model's "
+                         f"vocab_size is {runner.model.config.vocab_size}")
+    ids = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
+    return tokenizer, torch.tensor([ids], device=device)
+
+
+def _generate(args, runner, plan, device) -> int:
+    tokenizer, prompt = _prompt(args, runner, device)
+    out = runner.generate(prompt, args.max_new, plan, args.temperature, args.top_k, args.seed)
+    print(args.prompt + tokenizer.decode(out[0].tolist()))
+    per_token = statistics.median(runner.step_seconds[1:]) if args.max_new > 1 else float("nan")
+    print(f"\n{args.stages} stages, {plan.describe()}: {per_token * 1e3:.2f} ms per token", file=sys.stderr)
+    return 0
+
+
+def _bench(args, runner, plan, device) -> int:
+    """The pipeline and the plan in turn, `repeats` greedy sequences of --max-new tokens each; the median step of
+    each (the prompt step left out) is its latency per token. The plan is fed the pipeline's tokens (teacher
+    forcing) for its top-1 agreement."""
+    if plan.pipeline:
+        raise ValueError("--bench compares the pipeline with an SNLP plan: give --iters K, not --pipeline")
+    _, prompt = _prompt(args, runner, device)
+    pipeline = ranks.StagePlan()
+    tokens = runner.generate(prompt, args.max_new, pipeline)
+    steps = {"pipeline": [], plan.describe(): []}
+    agreement = []
+    for _ in range(args.repeats):
+        runner.generate(prompt, args.max_new, pipeline)
+        steps["pipeline"] += runner.step_seconds[1:]
+        logits = runner.decode(prompt, tokens, plan)
+        steps[plan.describe()] += runner.step_seconds[1:]
+        agreement.append((logits.argmax(dim=-1) == tokens).double().mean().item())
+    latency = {name: statistics.median(seconds) for name, seconds in steps.items()}
+    cfg = runner.model.config
+    result = {"environment": bench.environment(device), "stages": args.stages, "plan": plan.describe(),
+              "shape": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size, "batch": 1,
+                        "prompt_tokens": prompt.shape[1], "new_tokens": args.max_new},
+              "repeats": args.repeats, "latency_ms": {name: s * 1e3 for name, s in latency.items()},
+              "speedup": latency["pipeline"] / latency[plan.describe()], "top1_agreement": statistics.mean(agreement)}
+    for name, seconds in latency.items():
+        print(f"{name:>24}: {seconds * 1e3:7.2f} ms per token")
+    print(f"{'speedup':>24}: {result['speedup']:.2f}x over the pipeline, top-1 agreement "
+          f"{result['top1_agreement']:.3f} ({args.stages} processes, {torch.get_num_threads()} threads each)")
+    if args.out is not None:
+        print(f"wrote {write_json(args.out, result)}")
+    return 0
