@@ -26,7 +26,8 @@ exact at its last evaluation (c < K) already wrote them; the others rewrite them
 the correction of its input (stages.py), one batched projection that runs while rank 0 computes the head.
 
 Faults: every receive waits at most `timeout` seconds; a peer whose process has exited or that sends nothing in
-time raises StageError naming it, so no rank waits forever.
+time raises StageError naming it, so no rank waits forever. (With nccl, waiting orders the GPU stream rather than
+the host; there the process group's own timeout, set to the same seconds, ends a hung exchange.)
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ class StageRunner:
         self.source = (self.holder, b - self.holder * size) if self.holder is not None else \
             (max(b // size - 1, 0), size if b else 0)
         cfg = model.config
+        self.device = model.resid_lambdas.device
         self.streams = (cfg.mhc_num_streams,) if cfg.use_mhc else ()
         self.step_seconds: list[float] = []  # rank 0: each step's wall time of the last sequence
         self.trace: torch.Tensor | None = None  # SNLP: the last step's final stage trace (P+1, *state)
@@ -202,7 +204,7 @@ class StageRunner:
 
     def close(self) -> None:
         """Release the other ranks from `serve`."""
-        self._header(torch.tensor([STOP, 0, 0, 0, 0]))
+        self._header([STOP, 0, 0, 0, 0])
 
     def _sequence(self, prompt: torch.Tensor, n: int, plan: StagePlan, feed) -> None:
         """n steps' logits, the prompt's then one token at a time, each given to feed(logits), which returns the
@@ -213,7 +215,7 @@ class StageRunner:
             raise ValueError(f"a prompt of {T} tokens and {n} more exceed the model's rotary cache of "
                              f"{self.model.rotary_len} tokens")
         plan.check(self.stages)
-        self._header(torch.tensor([SEQUENCE, B, T, n, self._plan_code(plan)]))
+        self._header([SEQUENCE, B, T, n, self._plan_code(plan)])
         self._start(T + n)
         self.step_seconds = []
         idx = prompt
@@ -223,7 +225,8 @@ class StageRunner:
             idx = feed(logits)
             self.step_seconds.append(time.perf_counter() - start)
 
-    def _header(self, header: torch.Tensor) -> None:
+    def _header(self, fields: list[int]) -> None:
+        header = torch.tensor(fields, device=self.device)  # nccl sends device tensors only
         for work, r in [(self.peers.send(header, r), r) for r in range(1, self.stages)]:
             self.peers.wait(work, r, "acknowledgement of the header")
 
@@ -233,7 +236,8 @@ class StageRunner:
     def serve(self) -> None:
         """Follow rank 0's sequences until it closes."""
         while True:
-            command, B, T, n, code = self.peers.recv(torch.zeros(5, dtype=torch.long), 0, "header").tolist()
+            header = torch.zeros(5, dtype=torch.long, device=self.device)
+            command, B, T, n, code = self.peers.recv(header, 0, "header").tolist()
             if command == STOP:
                 return
             plan = self._plan(code)
@@ -265,7 +269,7 @@ class StageRunner:
             emb = model.embed(idx, p, self.previous, layers=self.stage.blocks)
             self.previous = emb.last_embedding
             x0 = emb.x0.contiguous()
-            message = torch.cat([x0.view(-1).view(torch.uint8), idx.contiguous().view(-1).view(torch.uint8)])
+            message = torch.cat([x0.view(-1).view(torch.uint8), idx.long().contiguous().view(-1).view(torch.uint8)])
             sends = [(self.peers.send(message, r), r) for r in range(1, self.stages)]
         else:
             x0, idx = self._receive_inputs(B, T)
@@ -283,7 +287,7 @@ class StageRunner:
         dtype = self.model.resid_lambdas.dtype
         shape = (B, *self.streams, T, cfg.n_embd)
         n = torch.Size(shape).numel() * dtype.itemsize
-        message = self.peers.recv(torch.empty(n + B * T * 8, dtype=torch.uint8), 0, "inputs")
+        message = self.peers.recv(torch.empty(n + B * T * 8, dtype=torch.uint8, device=self.device), 0, "inputs")
         return message[:n].view(dtype).view(shape), message[n:].view(torch.long).view(B, T)
 
     def _pipeline(self, plan: StagePlan, x0: torch.Tensor, ctx) -> torch.Tensor | None:

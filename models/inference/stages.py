@@ -27,7 +27,7 @@ import torch
 
 import layersolve as ls
 
-from ..nanochat.block import Context, KVCache, block_kv
+from ..nanochat.block import BlockWeights, Context, KVCache, block_kv
 from ..nanochat.gpt import GPT, Embedded
 
 GAINS = {ls.Identity: 1.0, ls.Zero: 0.0}  # the stage-level surrogates that act on a state as a scalar
@@ -68,16 +68,25 @@ class Stage:
               stop: int | None = None) -> list[torch.Tensor]:
         """The stage's states from its input h: [h, the output of its first block, ..., its output], or only the
         first `stop` + 1 of them. With a cache, each block attends to its cached keys and stores these tokens'."""
-        states = [h]
+        states, units = [h], self._units()
         for j, i in enumerate(self.blocks[:stop]):
-            states.append(self.model.block(i, states[-1], None, cache, ctx, unit=j))
+            states.append(self.model.block(i, states[-1], None, cache, ctx, unit=j, weights=units[j]))
         return states
 
     def keys_values(self, inputs: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values (size, B, KV, T, hd) the stage's blocks compute from their inputs (size, *state), in
         one batched call over the stacked weights."""
-        w = self.model.block_weights(slice(self.blocks.start, self.blocks.stop))
-        return block_kv(w, inputs, ctx.select(slice(0, self.size)))
+        return block_kv(self._stacked(), inputs, ctx.select(slice(0, self.size)))
+
+    def _stacked(self) -> BlockWeights:
+        return self.model.block_weights(slice(self.blocks.start, self.blocks.stop))
+
+    def _units(self) -> list[BlockWeights]:
+        """Each block's weights as views of the stage's stack, which `keys_values` reads: one copy of the stage in
+        memory, not two (the second cost a decoding rank a third of its time in cache misses)."""
+        stacked = self._stacked()
+        return self.model.prepared.get(("stage units", self.blocks.start, self.blocks.stop),
+                                       lambda: [stacked[j:j + 1] for j in range(self.size)])
 
     @property
     def backout(self) -> int | None:

@@ -290,13 +290,14 @@ class GPT(nn.Module):
         return self.resid_lambdas[layers], self.x0_lambdas[layers]
 
     def block(self, i: int, h: torch.Tensor, emb: Embedded, cache: KVCache | None = None,
-              ctx: Context | None = None, unit: int | None = None) -> torch.Tensor:
+              ctx: Context | None = None, unit: int | None = None, weights: BlockWeights | None = None) -> torch.Tensor:
         """f_{i+1}(h): block i on the state h (B, T, D), or (B, S, T, D) with mHC; `cache` as in `trace`; `ctx`:
         `emb.context()` when the caller has it already. `unit`: the block's index in ctx and the cache when they
-        cover only some layers (a stage of a split model), default i. The same maths as the module's forward, with
-        prepared weights."""
-        return run_block(self.block_weights(slice(i, i + 1)), i if unit is None else unit, h,
-                         emb.context() if ctx is None else ctx, cache, self._forward_with(cache))
+        cover only some layers (a stage of a split model), default i. `weights`: block i's, when the caller holds
+        them as views of a larger stack. The same maths as the module's forward, with prepared weights."""
+        weights = self.block_weights(slice(i, i + 1)) if weights is None else weights
+        return run_block(weights, i if unit is None else unit, h, emb.context() if ctx is None else ctx, cache,
+                         self._forward_with(cache))
 
     def trace(self, emb: Embedded, stop: int | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
         """The sequential trace h_0 .. h_stop (default: every layer), one block after another. With a KV cache of
