@@ -168,3 +168,16 @@ def skip_path_model(cfg, *, seed: int = 0):
                 block.hc_attn.dyn_proj.weight.zero_()
                 block.hc_mlp.dyn_proj.weight.zero_()
     return model
+
+
+def tiny_tokenizer(texts):
+    """A byte-level BPE tokenizer trained on `texts` (no hub here), with BOS / EOS."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")

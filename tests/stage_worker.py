@@ -26,8 +26,8 @@ def main() -> int:
     parser.add_argument("--fault", choices=["none", "exit", "hang"], default="none")
     args = parser.parse_args()
     rank, _ = ranks.init_process_group(args.stages, args.timeout)
-    model = ranks.load_stage(args.checkpoint, rank, args.stages, dtype=torch.float64)
-    runner = ranks.StageRunner(model, args.stages, ranks.Peers(args.timeout))
+    stage = ranks.load_stage(args.checkpoint, rank, args.stages, dtype=torch.float64)
+    runner = ranks.StageRunner(stage, args.stages, ranks.Peers(args.timeout))
     if rank == args.stages - 1 and args.fault != "none":  # the last rank fails before its first message
         if args.fault == "hang":
             time.sleep(10 * args.timeout)
@@ -36,8 +36,9 @@ def main() -> int:
         runner.serve()
         torch.save({"k": runner.cache.k, "v": runner.cache.v}, f"{args.out}.rank{rank}")
         return 0
-    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    out = {"prompt": prompt, "materialized": sorted(n for n, p in model.named_parameters() if not p.is_meta)}
+    prompt = torch.randint(0, stage.model.config.vocab_size, (1, args.prompt),
+                           generator=torch.Generator().manual_seed(0))
+    out = {"prompt": prompt, "materialized": sorted(n for n, p in stage.model.named_parameters() if not p.is_meta)}
     try:
         out["greedy"] = {"full": runner.generate(prompt, args.new, ranks.StagePlan(args.stages)),
                          "pipeline": runner.generate(prompt, args.new, ranks.StagePlan())}

@@ -13,6 +13,7 @@ import layersolve as ls
 from models import hf, snlp
 from models.inference.decode import Decoder, generate
 from models.tools import cli
+from helpers import tiny_tokenizer
 
 VOCAB, PROMPT, NEW = 97, 12, 8
 WINDOW = 5  # below PROMPT + NEW, so that the sliding windows bind in every test
@@ -155,18 +156,6 @@ def test_n_par_beyond_the_layers_is_refused(family, idx):
         snlp.forward(model, idx, snlp.Plan(n_par=5))
     with pytest.raises(ValueError, match="fusing layers is defined for nanochat models only"):
         snlp.forward(model, idx, snlp.Plan(n_par=4, fuse=2))
-
-
-def tiny_tokenizer(texts):
-    """A byte-level BPE tokenizer trained on `texts` (no hub here), with BOS / EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(scope="module")

@@ -100,8 +100,7 @@ def test_each_rank_materializes_only_its_stage(run):
 
 
 def test_a_later_stage_loads_neither_the_embedding_nor_the_head(ckpt):
-    model = ranks.load_stage(ckpt, 1, 2)
-    real = {name for name, p in model.named_parameters() if not p.is_meta}
+    real = {name for name, p in ranks.load_stage(ckpt, 1, 2).model.named_parameters() if not p.is_meta}
     assert {int(n.split(".")[2]) for n in real if n.startswith("transformer.h.")} == set(range(L // 2, L))
     assert not any(n.startswith(("transformer.wte", "lm_head", "smear")) for n in real)
     assert {"value_embeds.5.weight", "value_embeds.7.weight"} <= real and "value_embeds.1.weight" not in real
@@ -142,3 +141,101 @@ def test_generate_with_stages_under_torchrun(tmp_path):
                     "--max-new", "4", "--temperature", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "over the pipeline, top-1 agreement" in proc.stdout and out.exists()
+
+
+# -- Hugging Face models: a safetensors directory split by layers ----------------------------------------------------
+
+HF_COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def hf_run(request, tmp_path_factory):
+    """A tiny random model (Gemma3: sliding and full layers, a rotary table per type, a scaled embedding) saved
+    in float64 as save_pretrained writes it, then the worker at P = 2 (two layers per stage)."""
+    transformers = pytest.importorskip("transformers")
+    config = (transformers.LlamaConfig(**HF_COMMON) if request.param == "llama" else
+              transformers.Gemma3TextConfig(**HF_COMMON, sliding_window=5,
+                                            layer_types=["sliding_attention"] * 3 + ["full_attention"]))
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(torch.float64).eval()
+    directory = tmp_path_factory.mktemp(f"hf-{request.param}")
+    lm.save_pretrained(directory)
+    out = directory / "out.pt"
+    proc = torchrun(2, str(WORKER), str(directory), str(out), "--stages", "2", "--new", str(NEW))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the reference as transformers loads the directory: its buffers (Gemma's embedding scale, the rotary
+    # frequencies) are computed in the saved dtype, float64, not rounded through float32 as the model built above
+    lm = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
+    return directory, lm, out, torch.load(out)
+
+
+@torch.no_grad()
+def test_hf_k_equals_p_and_the_pipeline_give_the_models_greedy_tokens_and_logits(hf_run):
+    _, lm, _, out = hf_run
+    idx, tokens = out["prompt"], []
+    for _ in range(NEW):  # greedy by the model's own forward, no cache
+        tokens.append(lm(idx).logits[:, -1].argmax(-1))
+        idx = torch.cat([idx, tokens[-1][:, None]], dim=1)
+    expected = torch.stack(tokens, dim=1)
+    assert torch.equal(out["greedy"]["full"], expected) and torch.equal(out["greedy"]["pipeline"], expected)
+    for name in ("full", "pipeline"):
+        torch.testing.assert_close(out["prompt_step"][name][0], lm(out["prompt"]).logits, rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_hf_k1_is_the_identity_correction_of_the_second_stage(hf_run):
+    """x_2^1 = F_2(x_0) + (x_1 - x_0) with x_1 = F_1(x_0) exact: built here from the whole model's layers."""
+    from models import hf
+
+    _, lm, _, out = hf_run
+    full = hf.HFModel(lm, parallel="loop")
+    emb = full.embed(out["prompt"])
+    exact = full.trace(emb)
+    h = emb.x0
+    for layer in (2, 3):
+        h = full.layers.evaluate(layer, h[None], full.layer_inputs(emb, layer, 1), batched=False)[0][0]
+    expected = torch.stack([emb.x0, exact[2], h + exact[2] - emb.x0])
+    logits, trace = out["prompt_step"]["idn1"]
+    torch.testing.assert_close(trace, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logits, full.head(expected[-1]), rtol=1e-10, atol=1e-10)
+
+
+@torch.no_grad()
+def test_hf_k1_decoding_caches_the_keys_of_the_final_stage_input(hf_run):
+    from models import hf
+
+    _, lm, path, out = hf_run
+    full = hf.HFModel(lm, parallel="loop")
+    sequence = torch.cat([out["prompt"], out["greedy"]["full"][:, :-1]], dim=1)
+    cache = KVCache(4, sequence.shape[1])
+    full.trace(full.embed(sequence), cache=cache)
+    saved, fed = torch.load(f"{path}.rank1"), sequence.shape[1]
+    torch.testing.assert_close(saved["k"][0, ..., :fed, :], cache.k[2], rtol=1e-10, atol=1e-10)
+
+
+def test_hf_each_rank_reads_only_its_layers(hf_run):
+    directory, _, _, out = hf_run
+    layers = {int(n.split(".")[3]) for n in out["materialized"] if n.startswith("lm.model.layers.")}
+    assert layers == {0, 1} and "lm.model.embed_tokens.weight" in out["materialized"]
+    later = ranks.load_stage(directory, 1, 2)
+    assert len(later.model.lm.model.layers) == 2 and later.model.lm.model.embed_tokens.weight.shape[0] == 1
+    with pytest.raises(ValueError, match=r"stages=3 must divide the model's 4 layers"):
+        ranks.load_stage(directory, 0, 3)
+
+
+def test_generate_with_stages_reads_a_hugging_face_directory(tmp_path):
+    """`snlp generate DIR --stages 2` on a save_pretrained directory with its tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from helpers import tiny_tokenizer
+    from models.training.data import load_corpus
+
+    tokenizer = tiny_tokenizer(list(load_corpus(None).split()[0].texts[:2]))
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**HF_COMMON, "vocab_size": len(tokenizer)}))
+    lm.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    proc = torchrun(2, "-m", "models.tools.cli", "generate", str(tmp_path), "--stages", "2", "--pipeline",
+                    "--max-new", "4")
+    assert proc.returncode == 0 and proc.stdout.startswith("ROMEO."), proc.stderr[-3000:]
+    assert "2 stages, pipeline:" in proc.stderr

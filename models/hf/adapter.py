@@ -136,9 +136,13 @@ class HFModel(nn.Module):
     def embed(self, idx: Tensor, position: int = 0, previous=None) -> Embedded:
         """h_0 (B, T, D) and, for tokens at positions position .., the masks and rotary tables every layer uses."""
         self.check_tokens(idx, position)
-        x0 = self.lm.model.embed_tokens(idx)  # (B, T, D)
-        T = idx.shape[1]
-        pos = torch.arange(position, position + T, device=idx.device)[None]  # (1, T)
+        return self.embedded(self.lm.model.embed_tokens(idx), position)  # x0 (B, T, D)
+
+    def embedded(self, x0: Tensor, position: int) -> Embedded:
+        """The Embedded of the state x0 (B, T, D) at `position`: the masks and rotary tables of its tokens (what a
+        stage of a split model builds around the x0 it receives)."""
+        T = x0.shape[1]
+        pos = torch.arange(position, position + T, device=x0.device)[None]  # (1, T)
         masks = {w: causal_mask(position, T, w, x0.dtype, x0.device) for w in set(self.windows)}
         rotary = {}
         for kind in set(self.rotary_types):

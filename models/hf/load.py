@@ -37,12 +37,64 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, parallel: str 
             raise HFLoadError(f"{d}: weights but no config.json")
         check_supported(AutoConfig.from_pretrained(d).model_type, where=f"{d}: ")  # before reading the weights
     lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa", **gguf).eval()
+    return HFModel(lm, parallel), load_tokenizer(d, **gguf)
+
+
+def load_tokenizer(directory: str | Path, **gguf) -> "HFTokenizer":
+    """The tokenizer saved in a model directory (tokenizer.save_pretrained), or read from its GGUF file."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(d, **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **gguf)
     except (OSError, ValueError) as err:
-        raise HFLoadError(f"{d}: no tokenizer could be loaded ({type(err).__name__}: {err}); save it beside the "
-                          f"weights with tokenizer.save_pretrained") from None
-    return HFModel(lm, parallel), HFTokenizer(tokenizer)
+        raise HFLoadError(f"{directory}: no tokenizer could be loaded ({type(err).__name__}: {err}); save it beside "
+                          f"the weights with tokenizer.save_pretrained") from None
+    return HFTokenizer(tokenizer)
+
+
+LAYER_KEY = re.compile(r"(.*\blayers\.)(\d+)(\..*)")
+
+
+def load_stage(directory: str | Path, first: int, count: int, ends: bool, dtype: torch.dtype | None = None) -> HFModel:
+    """Decoder layers first .. first + count - 1 of a safetensors model directory as an HFModel of `count` layers
+    (layer j of it is layer first + j), reading only their tensors; with `ends`, also the embedding, final norm
+    and LM head (a split model's rank 0). Without them the model has a one-token vocabulary: its embedding and
+    head are placeholders of D numbers that nothing reads. dtype: default the checkpoint's."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(directory)
+    files = sorted(d.glob("*.safetensors"))
+    if not files or not (d / "config.json").exists():
+        raise HFLoadError(f"{d}: a model split across processes loads a safetensors directory (config.json and "
+                          f"*.safetensors, what save_pretrained writes); found {sorted(p.name for p in d.iterdir())}")
+    config = AutoConfig.from_pretrained(d)
+    check_supported(config.model_type, where=f"{d}: ")
+    L = config.num_hidden_layers
+    if not 0 <= first < first + count <= L:
+        raise HFLoadError(f"{d}: layers {first} .. {first + count - 1} are not among its {L}")
+    config.num_hidden_layers = count
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[first:first + count]
+    if not ends:
+        config.vocab_size = 1
+    state = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                m = LAYER_KEY.fullmatch(key)
+                if m and first <= int(m.group(2)) < first + count:
+                    state[f"{m.group(1)}{int(m.group(2)) - first}{m.group(3)}"] = f.get_tensor(key)
+                elif not m and ends:
+                    state[key] = f.get_tensor(key)
+    dtype = dtype or next(iter(state.values())).dtype
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(dtype)
+    missing = lm.load_state_dict(state, strict=False).missing_keys
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied and (ends or LAYER_KEY.fullmatch(k))]
+    if missing:
+        raise HFLoadError(f"{d}: the weights lack {missing[:8]} for layers {first} .. {first + count - 1}")
+    return HFModel(lm.eval(), parallel="loop")  # a stage runs its layers in order: no stacked copy
 
 
 def smollm2_directory() -> Path | None:

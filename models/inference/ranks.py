@@ -32,6 +32,7 @@ the host; there the process group's own timeout, set to the same seconds, ends a
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -45,9 +46,8 @@ import layersolve as ls
 
 from ..nanochat import checkpoint
 from ..nanochat.block import KVCache
-from ..nanochat.gpt import GPT
 from .decode import sample
-from .stages import Stage, split, surrogate_gain
+from .stages import HFStage, Stage, inside, split, surrogate_gain
 
 STOP, SEQUENCE = 0, 1  # the first field of the header rank 0 sends before each sequence
 
@@ -97,10 +97,22 @@ def stage_keys(stage: int, stages: int):
 
 
 def load_stage(directory: str | Path, stage: int, stages: int, step: int | None = None, device="cpu",
-               dtype: torch.dtype = torch.float32) -> GPT:
-    """The model of a nanochat checkpoint with only stage `stage`'s weights in memory (the rest on the meta
-    device; see checkpoint.load)."""
-    return checkpoint.load(directory, step, device, dtype, keep=stage_keys(stage, stages)).eval()
+               dtype: torch.dtype | None = None) -> Stage | HFStage:
+    """Stage `stage` of `stages` of a model directory with only its weights in memory: a nanochat checkpoint (the
+    rest stays on the meta device; see checkpoint.load), or a Hugging Face safetensors directory (one with a
+    config.json; see hf.load_stage). dtype: default float32 for nanochat, the checkpoint's for Hugging Face."""
+    directory = Path(directory)
+    if (directory / "config.json").exists():
+        from .. import hf
+
+        layers = json.loads((directory / "config.json").read_text()).get("num_hidden_layers")
+        if not isinstance(layers, int):
+            raise ValueError(f"{directory / 'config.json'}: no num_hidden_layers")
+        size = split(layers, stages)
+        model = hf.load_stage(directory, stage * size, size, ends=stage == 0, dtype=dtype).to(device)
+        return HFStage(model, stage, size)
+    model = checkpoint.load(directory, step, device, dtype or torch.float32, keep=stage_keys(stage, stages)).eval()
+    return Stage(model, stage, split(model.config.n_layer, stages))
 
 
 def init_process_group(stages: int, timeout: float) -> tuple[int, torch.device]:
@@ -123,8 +135,10 @@ class Peers:
     """Point-to-point messages between the ranks of the default process group, each receive awaited for at most
     `timeout` seconds."""
 
-    def __init__(self, timeout: float):
+    def __init__(self, timeout: float, device: torch.device | str = "cpu"):
+        """device: where messages are received (nccl sends device tensors only)."""
         self.rank, self.world, self.timeout = dist.get_rank(), dist.get_world_size(), timeout
+        self.device = torch.device(device)
 
     def send(self, tensor: torch.Tensor, dst: int):
         return dist.isend(tensor.contiguous(), dst)
@@ -156,19 +170,15 @@ class StageRunner:
     """One rank's part of decoding with a model split into `stages` stages. Rank 0 calls `generate` / `decode`
     (and `close` when done); the other ranks call `serve`, which follows rank 0's sequences until it closes."""
 
-    def __init__(self, model: GPT, stages: int, peers: Peers):
-        self.model, self.peers, self.rank, self.stages = model, peers, peers.rank, stages
-        size = split(model.config.n_layer, stages)
-        self.stage = Stage(model, self.rank, size)
-        # the backout state h_b: strictly inside the stage of rank `holder`, or the chain end of rank b / M - 1
-        # (x_0 when b = 0); the pipeline receives it from rank `source`'s chain at `index`
-        self.holder = next((c for c in range(stages) if Stage(model, c, size).backout is not None), None)
-        b = model.backout_layer
-        self.source = (self.holder, b - self.holder * size) if self.holder is not None else \
-            (max(b // size - 1, 0), size if b else 0)
-        cfg = model.config
-        self.device = model.resid_lambdas.device
-        self.streams = (cfg.mhc_num_streams,) if cfg.use_mhc else ()
+    def __init__(self, stage: Stage | HFStage, stages: int, peers: Peers):
+        self.stage, self.peers, self.rank, self.stages = stage, peers, peers.rank, stages
+        if stage.index != self.rank:
+            raise ValueError(f"rank {self.rank} was given stage {stage.index}: each rank runs its own")
+        # the backout state h_b (None: the model has none) lies in the chain of stage `source[0]` at `source[1]`;
+        # strictly inside it, its rank sends it (pipeline) or adds it to the last exchange (SNLP)
+        self.source = stage.backout_source()
+        self.inside = inside(self.source, stage.size)
+        self.device = peers.device
         self.step_seconds: list[float] = []  # rank 0: each step's wall time of the last sequence
         self.trace: torch.Tensor | None = None  # SNLP: the last step's final stage trace (P+1, *state)
         self.logits: torch.Tensor | None = None  # rank 0: the last step's logits (B, T, V)
@@ -209,11 +219,11 @@ class StageRunner:
     def _sequence(self, prompt: torch.Tensor, n: int, plan: StagePlan, feed) -> None:
         """n steps' logits, the prompt's then one token at a time, each given to feed(logits), which returns the
         next tokens (B, 1)."""
-        self.model.check_tokens(prompt)
+        self.stage.check_tokens(prompt)
         B, T = prompt.shape
-        if T + n > self.model.rotary_len:
-            raise ValueError(f"a prompt of {T} tokens and {n} more exceed the model's rotary cache of "
-                             f"{self.model.rotary_len} tokens")
+        if T + n > self.stage.max_tokens:
+            raise ValueError(f"a prompt of {T} tokens and {n} more exceed the model's {self.stage.max_tokens} "
+                             f"positions")
         plan.check(self.stages)
         self._header([SEQUENCE, B, T, n, self._plan_code(plan)])
         self._start(T + n)
@@ -264,18 +274,18 @@ class StageRunner:
 
     def _step(self, plan: StagePlan, B: int, T: int, idx: torch.Tensor | None = None) -> torch.Tensor | None:
         """One step over T new tokens: logits (B, T, V) on rank 0, None elsewhere."""
-        model, p = self.model, self.position
+        stage, p = self.stage, self.position
         if self.rank == 0:
-            emb = model.embed(idx, p, self.previous, layers=self.stage.blocks)
+            emb = stage.embed(idx, p, self.previous)
             self.previous = emb.last_embedding
             x0 = emb.x0.contiguous()
             message = torch.cat([x0.view(-1).view(torch.uint8), idx.long().contiguous().view(-1).view(torch.uint8)])
             sends = [(self.peers.send(message, r), r) for r in range(1, self.stages)]
         else:
             x0, idx = self._receive_inputs(B, T)
-            emb = model.embedded(x0, idx, p, self.stage.blocks)
+            emb = stage.embedded(x0, idx, p)
             sends = []
-        ctx = emb.context()
+        ctx = stage.context(emb)
         logits = (self._pipeline if plan.pipeline else self._parallel)(plan, x0, ctx)
         for work, r in sends:
             self.peers.wait(work, r, "acknowledgement of the inputs")
@@ -283,9 +293,7 @@ class StageRunner:
         return logits
 
     def _receive_inputs(self, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.model.config
-        dtype = self.model.resid_lambdas.dtype
-        shape = (B, *self.streams, T, cfg.n_embd)
+        dtype, shape = self.stage.dtype, self.stage.state_shape(B, T)
         n = torch.Size(shape).numel() * dtype.itemsize
         message = self.peers.recv(torch.empty(n + B * T * 8, dtype=torch.uint8, device=self.device), 0, "inputs")
         return message[:n].view(dtype).view(shape), message[n:].view(torch.long).view(B, T)
@@ -300,14 +308,15 @@ class StageRunner:
             sends.append((self.peers.send(chain[-1], r + 1), r + 1))
         elif r > 0:
             sends.append((self.peers.send(chain[-1], 0), 0))
-        source, index = self.source
+        source, index = self.source or (None, None)
         if r == source and r > 0:
             sends.append((self.peers.send(chain[index], 0), 0))
         logits = None
         if r == 0:
             last = chain[-1] if P == 1 else self.peers.recv(torch.empty_like(x0), P - 1, "last stage output")
-            backout = chain[index] if source == 0 else self.peers.recv(torch.empty_like(x0), source, "backout state")
-            logits = self.model.head(last, backout)
+            backout = None if source is None else chain[index] if source == 0 else \
+                self.peers.recv(torch.empty_like(x0), source, "backout state")
+            logits = self.stage.head(last, backout)
         for work, dst in sends:
             self.peers.wait(work, dst, "acknowledgement of the stage output")
         return logits
@@ -317,16 +326,16 @@ class StageRunner:
         r, P, K = self.rank, self.stages, plan.iters
         g = surrogate_gain(plan.jacobian)
         trace = x0.expand(P + 1, *x0.shape)  # (P+1, *state)
-        inside = self.holder is not None
         for k in range(K):
             chain = self.stage.chain(trace[r], ctx, self.cache)
             residual = chain[-1] - trace[r + 1]
             last = k == K - 1
-            if last and inside:  # the holder's backout state rides in the last exchange
-                extra = chain[self.stage.backout] if r == self.holder else torch.zeros_like(residual)
+            if last and self.inside:  # the holder's backout state rides in the last exchange
+                holder, index = self.source
+                extra = chain[index] if r == holder else torch.zeros_like(residual)
                 residual = torch.stack([residual, extra])
             gathered = torch.stack(self.peers.exchange(residual, "residual"))  # (P, [2,] *state)
-            residuals = gathered[:, 0] if last and inside else gathered
+            residuals = gathered[:, 0] if last and self.inside else gathered
             change = residuals.cumsum(dim=0) if g else residuals  # Delta_1 .. Delta_P
             trace = torch.cat([trace[:1], trace[1:] + change])  # not in place: chain[0] is a view of trace[r]
         self.trace = trace  # the last step's final stage trace x^K, the same on every rank
@@ -336,9 +345,11 @@ class StageRunner:
             self.cache.write(slice(0, self.stage.size), self.position, k_, v_)
         if r != 0:
             return None
-        if inside:
-            backout = gathered[self.holder, 1] + g * change[self.holder]
+        if self.source is None:
+            backout = None
+        elif self.inside:
+            backout = gathered[self.source[0], 1] + g * change[self.source[0]]
         else:
-            backout = trace[self.model.backout_layer // self.stage.size]
-        return self.model.head(trace[-1], backout)
+            backout = trace[self.source[0] + self.source[1] // self.stage.size]
+        return self.stage.head(trace[-1], backout)
 

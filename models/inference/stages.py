@@ -21,7 +21,7 @@ output of block L // 2 + 1) and a decoding stage's cached keys and values come f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,8 +53,9 @@ def split(n_layer: int, stages: int) -> int:
 
 @dataclass(frozen=True)
 class Stage:
-    """Stage `index` (0-based) of `model` split into stages of `size` blocks: blocks index*size .. (index+1)*size-1.
-    Its context and KV cache cover only its own blocks (unit j is block first + j)."""
+    """Stage `index` (0-based) of a nanochat `model` split into stages of `size` blocks: blocks index*size ..
+    (index+1)*size-1. Its context and KV cache cover only its own blocks (unit j is block first + j). What a rank
+    of ranks.py asks of its stage (HFStage is the same for Hugging Face models)."""
 
     model: GPT
     index: int
@@ -63,6 +64,34 @@ class Stage:
     @property
     def blocks(self) -> range:
         return range(self.index * self.size, (self.index + 1) * self.size)
+
+    # -- the tokens' side: rank 0 embeds, the others rebuild what their blocks need around the x0 it sends ----------
+
+    def embed(self, idx: torch.Tensor, position: int, previous: torch.Tensor | None) -> Embedded:
+        return self.model.embed(idx, position, previous, layers=self.blocks)
+
+    def embedded(self, x0: torch.Tensor, idx: torch.Tensor, position: int) -> Embedded:
+        return self.model.embedded(x0, idx, position, self.blocks)
+
+    def context(self, emb: Embedded) -> Context:
+        return emb.context()
+
+    def state_shape(self, batch: int, tokens: int) -> tuple[int, ...]:
+        cfg = self.model.config
+        return (batch, *((cfg.mhc_num_streams,) if cfg.use_mhc else ()), tokens, cfg.n_embd)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.resid_lambdas.dtype
+
+    @property
+    def max_tokens(self) -> int:
+        return self.model.rotary_len
+
+    def check_tokens(self, idx: torch.Tensor) -> None:
+        self.model.check_tokens(idx)
+
+    # -- the stage's blocks ---------------------------------------------------------------------------------------
 
     def chain(self, h: torch.Tensor, ctx: Context, cache: KVCache | None = None,
               stop: int | None = None) -> list[torch.Tensor]:
@@ -88,12 +117,70 @@ class Stage:
         return self.model.prepared.get(("stage units", self.blocks.start, self.blocks.stop),
                                        lambda: [stacked[j:j + 1] for j in range(self.size)])
 
+    # -- the head side --------------------------------------------------------------------------------------------
+
+    def head(self, last: torch.Tensor, backout: torch.Tensor | None) -> torch.Tensor:
+        return self.model.head(last, backout)
+
+    def backout_source(self) -> tuple[int, int] | None:
+        """Where the backout state h_b lies in a split into stages of this size: (the stage, its index in that
+        stage's chain, 1 .. size; size is the stage's output, a state of the stage trace); (0, 0) for b = 0."""
+        b = self.model.backout_layer
+        if b == 0:
+            return 0, 0
+        stage = (b - 1) // self.size
+        return stage, b - stage * self.size
+
+
+@dataclass(frozen=True)
+class HFStage:
+    """Stage `index` of a Hugging Face model split into stages of `size` decoder layers, as `Stage` is for
+    nanochat: `model` is an HFModel of the stage's layers alone (hf.load_stage; layer j is layer index*size + j).
+    These models blend no x0 into their layers and have no backout state."""
+
+    model: object  # models.hf.HFModel
+    index: int
+    size: int
+
+    def embed(self, idx: torch.Tensor, position: int, previous=None):
+        return self.model.embed(idx, position)
+
+    def embedded(self, x0: torch.Tensor, idx: torch.Tensor, position: int):
+        return self.model.embedded(x0, position)
+
+    def context(self, emb):
+        return emb
+
+    def state_shape(self, batch: int, tokens: int) -> tuple[int, ...]:
+        return batch, tokens, self.model.lm.config.hidden_size
+
     @property
-    def backout(self) -> int | None:
-        """The index in `chain` of the model's backout state when it lies strictly inside this stage, else None
-        (then it is a state of the stage trace)."""
-        offset = self.model.backout_layer - self.blocks.start
-        return offset if 0 < offset < self.size else None
+    def dtype(self) -> torch.dtype:
+        return self.model.lm.dtype
+
+    @property
+    def max_tokens(self) -> int:
+        return self.model.config.sequence_len
+
+    def check_tokens(self, idx: torch.Tensor) -> None:
+        self.model.check_tokens(idx)
+
+    def chain(self, h: torch.Tensor, emb, cache: KVCache | None = None, stop: int | None = None) -> list[torch.Tensor]:
+        return self.model.trace(replace(emb, x0=h), stop, cache)
+
+    def keys_values(self, inputs: torch.Tensor, emb) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.layers.keys_values(0, inputs, self.model.layer_inputs(emb, 0, self.size))
+
+    def head(self, last: torch.Tensor, backout=None) -> torch.Tensor:
+        return self.model.head(last)
+
+    def backout_source(self) -> None:
+        return None
+
+
+def inside(source: tuple[int, int] | None, size: int) -> bool:
+    """Whether a backout source lies strictly inside its stage, not in the stage trace."""
+    return source is not None and 0 < source[1] < size
 
 
 class StageSystem(ls.LayerSystem):
@@ -124,11 +211,13 @@ class StageSystem(ls.LayerSystem):
 
     def logits(self, trace: torch.Tensor, previous: torch.Tensor | None = None, gain: float = 1.0) -> torch.Tensor:
         """Logits from a stage trace x^K (P+1, *state): its last state, and the backout state. `previous`: x^{K-1},
-        the iterate the last evaluation saw (default: x^K itself, as after convergence); the backout state is that
-        evaluation's, moved by gain * (x^K - x^{K-1}) of its stage's input."""
+        the iterate the last evaluation saw (default: x^K itself, as after convergence); a backout state inside a
+        stage is that evaluation's, moved by gain * (x^K - x^{K-1}) of its stage's input."""
         previous = trace if previous is None else previous
-        for c, stage in enumerate(self.stages):
-            if stage.backout is not None:
-                backout = self.chain(c, previous[c], stop=stage.backout)[-1] + gain * (trace[c] - previous[c])
-                return self.model.head(trace[-1], backout)
-        return self.model.head(trace[-1], trace[self.model.backout_layer // self.stages[0].size])
+        size = self.stages[0].size
+        c, index = self.stages[0].backout_source()
+        if inside((c, index), size):
+            backout = self.chain(c, previous[c], stop=index)[-1] + gain * (trace[c] - previous[c])
+        else:
+            backout = trace[c + index // size]
+        return self.model.head(trace[-1], backout)

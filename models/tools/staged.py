@@ -20,10 +20,13 @@ def run(args) -> int:
     """One rank's part of `snlp generate --stages`."""
     rank, device = ranks.init_process_group(args.stages, args.timeout)
     try:
-        model = ranks.load_stage(args.checkpoint, rank, args.stages, device=device)
+        stage = ranks.load_stage(args.checkpoint, rank, args.stages, device=device)
         plan = ranks.StagePlan(None if args.pipeline else args.iters or 1, strategy(args.strategy))
-        plan.check(args.stages)
-        runner = ranks.StageRunner(model, args.stages, ranks.Peers(args.timeout))
+        try:
+            plan.check(args.stages)
+        except ValueError as err:
+            raise ValueError(f"--iters {args.iters} --strategy {args.strategy}: {err}") from None
+        runner = ranks.StageRunner(stage, args.stages, ranks.Peers(args.timeout, device))
         if rank != 0:
             runner.serve()
             return 0
@@ -39,12 +42,19 @@ def run(args) -> int:
 
 
 def _prompt(args, runner, device):
-    from ..training.tokenizer import Tokenizer
+    """Rank 0's tokenizer (a Hugging Face directory's own, or the run's) and the prompt's ids (1, T)."""
+    vocab = runner.stage.model.config.vocab_size
+    if isinstance(runner.stage, ranks.HFStage):
+        from .. import hf
 
-    tokenizer = Tokenizer.load(args.checkpoint / "tokenizer")
-    if tokenizer.get_vocab_size() != runner.model.config.vocab_size:
-        raise ValueError(f"{args.checkpoint / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens but the model's "
-                         f"vocab_size is {runner.model.config.vocab_size}")
+        tokenizer = hf.load_tokenizer(args.checkpoint)
+    else:
+        from ..training.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(args.checkpoint / "tokenizer")
+    if tokenizer.get_vocab_size() > vocab:
+        raise ValueError(f"{args.checkpoint}: the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's "
+                         f"vocab_size is {vocab}")
     ids = tokenizer.encode(args.prompt, prepend=tokenizer.get_bos_token_id())
     return tokenizer, torch.tensor([ids], device=device)
 
@@ -76,9 +86,10 @@ def _bench(args, runner, plan, device) -> int:
         steps[plan.describe()] += runner.step_seconds[1:]
         agreement.append((logits.argmax(dim=-1) == tokens).double().mean().item())
     latency = {name: statistics.median(seconds) for name, seconds in steps.items()}
-    cfg = runner.model.config
+    stage = runner.stage
     result = {"environment": bench.environment(device), "stages": args.stages, "plan": plan.describe(),
-              "shape": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size, "batch": 1,
+              "shape": {"n_layer": args.stages * stage.size, "n_embd": stage.state_shape(1, 1)[-1],
+                        "vocab_size": stage.model.config.vocab_size, "batch": 1,
                         "prompt_tokens": prompt.shape[1], "new_tokens": args.max_new},
               "repeats": args.repeats, "latency_ms": {name: s * 1e3 for name, s in latency.items()},
               "speedup": latency["pipeline"] / latency[plan.describe()], "top1_agreement": statistics.mean(agreement)}
