@@ -280,15 +280,14 @@ class StageRunner:
             self.previous = emb.last_embedding
             x0 = emb.x0.contiguous()
             message = torch.cat([x0.view(-1).view(torch.uint8), idx.long().contiguous().view(-1).view(torch.uint8)])
-            sends = [(self.peers.send(message, r), r) for r in range(1, self.stages)]
+            # sent before rank 0 computes: gloo moves bytes on its own threads, which a busy core starves (a send
+            # left in flight while rank 0 ran its stage reached the others milliseconds late)
+            for work, r in [(self.peers.send(message, r), r) for r in range(1, self.stages)]:
+                self.peers.wait(work, r, "acknowledgement of the inputs")
         else:
             x0, idx = self._receive_inputs(B, T)
             emb = stage.embedded(x0, idx, p)
-            sends = []
-        ctx = stage.context(emb)
-        logits = (self._pipeline if plan.pipeline else self._parallel)(plan, x0, ctx)
-        for work, r in sends:
-            self.peers.wait(work, r, "acknowledgement of the inputs")
+        logits = (self._pipeline if plan.pipeline else self._parallel)(plan, x0, stage.context(emb))
         self.position += T
         return logits
 
