@@ -21,6 +21,7 @@ from models.nanochat.block import KVCache
 
 L, NEW = 8, 6
 WORKER = Path(__file__).with_name("stage_worker.py")
+distributed = pytest.mark.distributed  # the tests that start processes: CI's second step (pyproject's markers)
 
 
 def torchrun(stages: int, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -51,12 +52,14 @@ def run(request, ckpt, tmp_path_factory):
     return stages, out, torch.load(out)
 
 
+@distributed
 def test_k_equals_p_and_the_pipeline_give_the_sequential_greedy_tokens(run, model):
     _, _, out = run
     expected = generate(model, out["prompt"], NEW)
     assert torch.equal(out["greedy"]["full"], expected) and torch.equal(out["greedy"]["pipeline"], expected)
 
 
+@distributed
 @pytest.mark.parametrize("name", ["full", "pipeline"])
 def test_k_equals_p_and_the_pipeline_give_the_sequential_logits(run, model, name):
     _, _, out = run
@@ -64,6 +67,7 @@ def test_k_equals_p_and_the_pipeline_give_the_sequential_logits(run, model, name
     torch.testing.assert_close(logits, model(out["prompt"]), rtol=1e-10, atol=1e-10)
 
 
+@distributed
 @pytest.mark.parametrize("name, jacobian", [("idn1", ls.Identity()), ("jacobi1", ls.Zero())])
 def test_k1_equals_the_single_process_stage_solve(run, model, name, jacobian):
     """K = 1 of P: the final stage trace and the logits (backout state moved by the surrogate) of layersolve's solve
@@ -79,6 +83,7 @@ def test_k1_equals_the_single_process_stage_solve(run, model, name, jacobian):
     assert (logits - model(out["prompt"])).abs().max() > 1e-4  # K = 1 < P is not the sequential model
 
 
+@distributed
 def test_k1_decoding_caches_the_keys_of_the_final_stage_input(run, model):
     """With IDN K = 1, stage 2's input is exact after the correction (stage 1 saw x_0), so the keys its first block
     caches for every token, rewritten after each step's correction, are the sequential decoder's; without the
@@ -92,6 +97,7 @@ def test_k1_decoding_caches_the_keys_of_the_final_stage_input(run, model):
     torch.testing.assert_close(saved["v"][0, ..., :fed, :], cache.v[L // stages], rtol=1e-10, atol=1e-10)
 
 
+@distributed
 def test_each_rank_materializes_only_its_stage(run):
     stages, _, out = run
     blocks = {int(name.split(".")[2]) for name in out["materialized"] if name.startswith("transformer.h.")}
@@ -106,6 +112,7 @@ def test_a_later_stage_loads_neither_the_embedding_nor_the_head(ckpt):
     assert {"value_embeds.5.weight", "value_embeds.7.weight"} <= real and "value_embeds.1.weight" not in real
 
 
+@distributed
 @pytest.mark.parametrize("fault, why", [("exit", "its process has exited"), ("hang", "nothing arrived within 3 s")])
 def test_a_failed_rank_is_named_by_the_others(ckpt, tmp_path, fault, why):
     out = tmp_path / "out.pt"
@@ -125,6 +132,7 @@ def test_plans_and_worlds_that_cannot_run_are_refused(ckpt):
         ranks.init_process_group(2, timeout=5)
 
 
+@distributed
 def test_generate_with_stages_under_torchrun(tmp_path):
     """The command a user runs, tokenizer and all: SNLP decoding, then the bench (pipeline against K = 1)."""
     from models.tools import cli
@@ -135,7 +143,7 @@ def test_generate_with_stages_under_torchrun(tmp_path):
     proc = torchrun(2, "-m", "models.tools.cli", "generate", str(run), "--stages", "2", "--iters", "1",
                     "--max-new", "4")
     assert proc.returncode == 0 and proc.stdout.startswith("ROMEO."), proc.stderr[-3000:]
-    assert "2 stages, SNLP Identity K=1:" in proc.stderr
+    assert "2 stages, SNLP IDN K=1:" in proc.stderr
     out = tmp_path / "bench.json"
     proc = torchrun(2, "-m", "models.tools.cli", "generate", str(run), "--stages", "2", "--bench", "--repeats", "1",
                     "--max-new", "4", "--temperature", "0", "--out", str(out))
@@ -170,6 +178,7 @@ def hf_run(request, tmp_path_factory):
     return directory, lm, out, torch.load(out)
 
 
+@distributed
 @torch.no_grad()
 def test_hf_k_equals_p_and_the_pipeline_give_the_models_greedy_tokens_and_logits(hf_run):
     _, lm, _, out = hf_run
@@ -183,6 +192,7 @@ def test_hf_k_equals_p_and_the_pipeline_give_the_models_greedy_tokens_and_logits
         torch.testing.assert_close(out["prompt_step"][name][0], lm(out["prompt"]).logits, rtol=1e-10, atol=1e-10)
 
 
+@distributed
 @torch.no_grad()
 def test_hf_k1_is_the_identity_correction_of_the_second_stage(hf_run):
     """x_2^1 = F_2(x_0) + (x_1 - x_0) with x_1 = F_1(x_0) exact: built here from the whole model's layers."""
@@ -201,6 +211,7 @@ def test_hf_k1_is_the_identity_correction_of_the_second_stage(hf_run):
     torch.testing.assert_close(logits, full.head(expected[-1]), rtol=1e-10, atol=1e-10)
 
 
+@distributed
 @torch.no_grad()
 def test_hf_k1_decoding_caches_the_keys_of_the_final_stage_input(hf_run):
     from models import hf
@@ -214,6 +225,7 @@ def test_hf_k1_decoding_caches_the_keys_of_the_final_stage_input(hf_run):
     torch.testing.assert_close(saved["k"][0, ..., :fed, :], cache.k[2], rtol=1e-10, atol=1e-10)
 
 
+@distributed
 def test_hf_each_rank_reads_only_its_layers(hf_run):
     directory, _, _, out = hf_run
     layers = {int(n.split(".")[3]) for n in out["materialized"] if n.startswith("lm.model.layers.")}
@@ -224,6 +236,7 @@ def test_hf_each_rank_reads_only_its_layers(hf_run):
         ranks.load_stage(directory, 0, 3)
 
 
+@distributed
 def test_generate_with_stages_reads_a_hugging_face_directory(tmp_path):
     """`snlp generate DIR --stages 2` on a save_pretrained directory with its tokenizer."""
     transformers = pytest.importorskip("transformers")

@@ -49,6 +49,7 @@ from ..nanochat.block import KVCache
 from .decode import sample
 from .stages import HFStage, Stage, inside, split, surrogate_gain
 
+NAMES = {1.0: "IDN", 0.0: "Jacobi"}  # the stage surrogates by their gain
 STOP, SEQUENCE = 0, 1  # the first field of the header rank 0 sends before each sequence
 
 
@@ -75,7 +76,7 @@ class StagePlan:
         surrogate_gain(self.jacobian)
 
     def describe(self) -> str:
-        return "pipeline" if self.pipeline else f"SNLP {type(self.jacobian).__name__} K={self.iters}"
+        return "pipeline" if self.pipeline else f"SNLP {NAMES[surrogate_gain(self.jacobian)]} K={self.iters}"
 
 
 def stage_keys(stage: int, stages: int):

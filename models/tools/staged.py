@@ -25,7 +25,8 @@ def run(args) -> int:
         try:
             plan.check(args.stages)
         except ValueError as err:
-            raise ValueError(f"--iters {args.iters} --strategy {args.strategy}: {err}") from None
+            flag = "--iters" if "iters=" in str(err) else "--strategy"
+            raise ValueError(f"{flag} {getattr(args, flag[2:])}: {err}") from None
         runner = ranks.StageRunner(stage, args.stages, ranks.Peers(args.timeout, device))
         if rank != 0:
             runner.serve()
