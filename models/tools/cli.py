@@ -13,7 +13,7 @@ import torch
 import layersolve as ls
 
 from ..io import save_figure, write_atomic, write_json
-from . import suite
+from . import staged, suite
 from .flags import COUNT, POSITIVE, RUN_FLAGS, WEIGHT, given, model_flags, recorded, reg_flags, resumed_flags, train_config
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
 from .speculation import compare
@@ -103,14 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="self-speculative decoding: the SNLP plan drafts, the sequential model verifies (its "
                           "output, not the plan's); prints acceptance and the speedup over sequential decoding")
     gen.add_argument("--draft-len", type=POSITIVE, default=4, metavar="B", help="--speculative: tokens drafted per round")
-    gen.add_argument("--stages", type=POSITIVE, metavar="P", help="split the layers across P processes (run under "
-                     "`torchrun --nproc-per-node P`): SNLP over stages with --iters K (default 1), or --pipeline")
-    gen.add_argument("--pipeline", action="store_true", help="--stages: each stage waits for the previous one")
-    gen.add_argument("--bench", action="store_true", help="--stages: time the pipeline and the SNLP plan in turn "
-                     "(greedy), print the latency per token and the top-1 agreement")
-    gen.add_argument("--repeats", type=POSITIVE, default=5, help="--bench: sequences per mode")
-    gen.add_argument("--timeout", type=POSITIVE, default=60, help="--stages: seconds to wait for another rank")
-    gen.add_argument("--out", type=Path, help="--bench: write the measurements to this JSON file")
+    staged.add_flags(gen)
 
     bench = sub.add_parser("bench", help="prefill and decoding: sequential vs SNLP plans, JSON + tables")
     bench.add_argument("--preset", choices=sorted(suite.PRESETS), default=None,
@@ -299,8 +292,6 @@ def _generate(args) -> int:
     from ..inference.decode import generate
 
     if args.stages is not None:
-        from . import staged
-
         return staged.run(args)
     if args.pipeline or args.bench:
         raise ValueError("--pipeline and --bench are for a model split across processes: give --stages P")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,20 @@ import torch.distributed as dist
 from ..inference import ranks
 from ..io import write_json
 from . import bench
+from .flags import POSITIVE
 from .names import strategy
+
+
+def add_flags(gen) -> None:
+    """`snlp generate`'s flags for a model split across processes."""
+    gen.add_argument("--stages", type=POSITIVE, metavar="P", help="split the layers across P processes (run under "
+                     "`torchrun --nproc-per-node P`): SNLP over stages with --iters K (default 1), or --pipeline")
+    gen.add_argument("--pipeline", action="store_true", help="--stages: each stage waits for the previous one")
+    gen.add_argument("--bench", action="store_true", help="--stages: time the pipeline and the SNLP plan in turn "
+                     "(greedy), print the latency per token and the top-1 agreement")
+    gen.add_argument("--repeats", type=POSITIVE, default=5, help="--bench: sequences per mode")
+    gen.add_argument("--timeout", type=POSITIVE, default=60, help="--stages: seconds to wait for another rank")
+    gen.add_argument("--out", type=Path, help="--bench: write the measurements to this JSON file")
 
 
 def run(args) -> int:
