@@ -116,20 +116,26 @@ def load_stage(directory: str | Path, stage: int, stages: int, step: int | None 
     return Stage(model, stage, split(model.config.n_layer, stages))
 
 
+def join_process_group(timeout: float | None = None) -> tuple[int, torch.device]:
+    """Join torchrun's process group, nccl on GPU and gloo on CPU, unless joined already: (rank, device), each rank
+    on its LOCAL_RANK's GPU. timeout: seconds a collective may wait (default torch's)."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                **({} if timeout is None else {"timeout": timedelta(seconds=timeout)}))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), device
+
+
 def init_process_group(stages: int, timeout: float) -> tuple[int, torch.device]:
-    """Join torchrun's process group (nccl on GPU, gloo on CPU): (rank, device). The world must be `stages`."""
+    """`join_process_group` for a model split into `stages` stages: the world must be one process a stage."""
     world = int(os.environ.get("WORLD_SIZE", "0"))
     if world != stages:
         raise ValueError(f"stages={stages} runs one stage per process: start it under `torchrun --nproc-per-node "
                          f"{stages}` (WORLD_SIZE is {world or 'unset'})")
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return rank, device
+    return join_process_group(timeout)
 
 
 class Peers:
@@ -157,14 +163,24 @@ class Peers:
             why = "its process has exited" if gone else f"nothing arrived within {self.timeout:g} s"
             raise StageError(f"rank {self.rank}: no {what} from rank {peer} ({why})") from None
 
+    def broadcast(self, tensor: torch.Tensor, what: str) -> None:
+        """Send `tensor` to every other rank, and wait until it has left."""
+        self._settle(self._send_all(tensor), what)
+
     def exchange(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
         """Every rank's `tensor` (same shape on all), own included: the all-gather."""
         tensor = tensor.contiguous()
-        sends = {r: self.send(tensor, r) for r in range(self.world) if r != self.rank}
+        sends = self._send_all(tensor)
         out = [tensor if r == self.rank else self.recv(torch.empty_like(tensor), r, what) for r in range(self.world)]
+        self._settle(sends, what)
+        return out
+
+    def _send_all(self, tensor: torch.Tensor) -> dict:
+        return {r: self.send(tensor, r) for r in range(self.world) if r != self.rank}
+
+    def _settle(self, sends: dict, what: str) -> None:
         for r, work in sends.items():
             self.wait(work, r, f"acknowledgement of the {what}")
-        return out
 
 
 class StageRunner:
@@ -179,7 +195,6 @@ class StageRunner:
         # strictly inside it, its rank sends it (pipeline) or adds it to the last exchange (SNLP)
         self.source = stage.backout_source()
         self.inside = inside(self.source, stage.size)
-        self.device = peers.device
         self.step_seconds: list[float] = []  # rank 0: each step's wall time of the last sequence
         self.trace: torch.Tensor | None = None  # SNLP: the last step's final stage trace (P+1, *state)
         self.logits: torch.Tensor | None = None  # rank 0: the last step's logits (B, T, V)
@@ -237,9 +252,7 @@ class StageRunner:
             self.step_seconds.append(time.perf_counter() - start)
 
     def _header(self, fields: list[int]) -> None:
-        header = torch.tensor(fields, device=self.device)  # nccl sends device tensors only
-        for work, r in [(self.peers.send(header, r), r) for r in range(1, self.stages)]:
-            self.peers.wait(work, r, "acknowledgement of the header")
+        self.peers.broadcast(torch.tensor(fields, device=self.peers.device), "header")  # nccl: device tensors
 
     # -- the other ranks ------------------------------------------------------------------------------------------
 
@@ -247,7 +260,7 @@ class StageRunner:
     def serve(self) -> None:
         """Follow rank 0's sequences until it closes."""
         while True:
-            header = torch.zeros(5, dtype=torch.long, device=self.device)
+            header = torch.zeros(5, dtype=torch.long, device=self.peers.device)
             command, B, T, n, code = self.peers.recv(header, 0, "header").tolist()
             if command == STOP:
                 return
@@ -283,8 +296,7 @@ class StageRunner:
             message = torch.cat([x0.view(-1).view(torch.uint8), idx.long().contiguous().view(-1).view(torch.uint8)])
             # sent before rank 0 computes: gloo moves bytes on its own threads, which a busy core starves (a send
             # left in flight while rank 0 ran its stage reached the others milliseconds late)
-            for work, r in [(self.peers.send(message, r), r) for r in range(1, self.stages)]:
-                self.peers.wait(work, r, "acknowledgement of the inputs")
+            self.peers.broadcast(message, "inputs")
         else:
             x0, idx = self._receive_inputs(B, T)
             emb = stage.embedded(x0, idx, p)
@@ -295,7 +307,7 @@ class StageRunner:
     def _receive_inputs(self, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         dtype, shape = self.stage.dtype, self.stage.state_shape(B, T)
         n = torch.Size(shape).numel() * dtype.itemsize
-        message = self.peers.recv(torch.empty(n + B * T * 8, dtype=torch.uint8, device=self.device), 0, "inputs")
+        message = self.peers.recv(torch.empty(n + B * T * 8, dtype=torch.uint8, device=self.peers.device), 0, "inputs")
         return message[:n].view(dtype).view(shape), message[n:].view(torch.long).view(B, T)
 
     def _pipeline(self, plan: StagePlan, x0: torch.Tensor, ctx) -> torch.Tensor | None:
@@ -341,7 +353,7 @@ class StageRunner:
         self.trace = trace  # the last step's final stage trace x^K, the same on every rank
         change = torch.cat([torch.zeros_like(change[:1]), change])  # Delta_0 = 0: x_0 is fixed
         if g and r >= K:  # this stage's input moved after its last evaluation: its cache is rewritten
-            k_, v_ = self.stage.keys_values(torch.stack(chain[:-1]) + g * change[r], ctx)
+            k_, v_ = self.stage.keys_values(torch.stack(chain[:-1]) + change[r], ctx)  # g = 1 here
             self.cache.write(slice(0, self.stage.size), self.position, k_, v_)
         if r != 0:
             return None

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..inference.ranks import join_process_group
+
 
 @dataclass
 class Distributed:
@@ -21,13 +23,7 @@ class Distributed:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
+        rank, device = join_process_group()
         return cls(rank, world, device)
 
 
