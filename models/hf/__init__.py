@@ -7,6 +7,6 @@ decoders and evaluation as nanochat's models. Needs the `[hf]` extra (transforme
 """
 
 from .adapter import SUPPORTED, HFConfig, HFModel, UnsupportedModel
-from .load import HFLoadError, HFTokenizer, load, load_stage, load_tokenizer, smollm2_directory
+from .load import HFLoadError, HFTokenizer, load, load_stage, load_tokenizer, smollm2_directory, SMOLLM2_INSTALL
 
-__all__ = ["HFModel", "HFConfig", "HFTokenizer", "HFLoadError", "load", "load_stage", "load_tokenizer", "smollm2_directory", "SUPPORTED", "UnsupportedModel"]
+__all__ = ["HFModel", "HFConfig", "HFTokenizer", "HFLoadError", "load", "load_stage", "load_tokenizer", "smollm2_directory", "SMOLLM2_INSTALL", "SUPPORTED", "UnsupportedModel"]

