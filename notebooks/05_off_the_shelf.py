@@ -33,7 +33,6 @@ iterations = 6  # Newton iterations recorded per solve
 # %matplotlib inline
 import warnings
 
-import matplotlib.pyplot as plt
 import torch
 
 import analysis
@@ -77,22 +76,19 @@ print(f"validation batch {tuple(x.shape)}")
 # %%
 with torch.no_grad():
     trace = model.trace(model.embed(x))  # h_0 .. h_L
-update = [float((trace[l + 1] - trace[l]).norm() / trace[l].norm()) for l in range(L)]
-fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
-ax.bar(range(1, L + 1), update)
-ax.set_yscale("log")
-ax.set_xlabel("layer l")
-ax.set_ylabel("||f_l(h) - h|| / ||h||")
-ax.set_title("per-layer relative update on validation text")
+update = [float((trace[l + 1] - trace[l]).norm() / trace[l].norm()) for l in range(L)]  # block l's update
+fig = analysis.plot_update_profile(update, title=f"{model.family}: per-block relative update on validation text")
 for n in tails:
-    ax.axvline(L - n + 0.5, color="k", linestyle="--", linewidth=0.8)
-plt.show()
+    fig.axes[0].axvline(L - n - 0.5, color="k", linestyle="--", linewidth=0.8)
+display(fig)
 print(" ".join(f"{u:.3f}" for u in update))
 
 # %% [markdown]
-# On SmolLM2 the updates spike at layers 1 and 12 (the first layer, and a layer that rewrites the state), are about
-# 0.005 in layers 13 to 24, and grow again in the last layers, which map the state onto the vocabulary. The dashed
-# lines mark where each tail starts: a tail over the quiet middle is where SNLP has a chance.
+# On SmolLM2 the updates spike at blocks 0 and 11 (the first block, and a block that rewrites the state), are small
+# in blocks 12 to 23, and grow again in the last blocks, which map the state onto the vocabulary. The dashed lines
+# mark where each tail starts. A tail always holds the last, hardest blocks; a segment over the quiet middle
+# (`snlp.Plan(n_par=n, start=s)`, blocks s .. s + n - 1 in parallel between sequential ones) avoids them, and
+# `snlp plan --hf DIR` measures which segment costs least.
 
 # %% [markdown]
 # ## Convergence of IDN and Jacobi over the tails

@@ -170,6 +170,44 @@ def skip_path_model(cfg, *, seed: int = 0):
     return model
 
 
+# -- Hugging Face models -----------------------------------------------------------------------------------------
+
+HF_VOCAB = 97
+HF_WINDOW = 5  # below the tests' prompt + new tokens, so that the sliding windows bind
+HF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+
+
+def tiny_hf_config(family: str, layers: int = 4):
+    """A tiny random config of a family; the windowed families mix sliding and full layers as their models do."""
+    import transformers as t
+
+    common = dict(vocab_size=HF_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
+    sliding, full = "sliding_attention", "full_attention"
+    return {
+        "llama": lambda: t.LlamaConfig(**common),
+        "mistral": lambda: t.MistralConfig(**common, sliding_window=HF_WINDOW),
+        "qwen2": lambda: t.Qwen2Config(**common),
+        "qwen3": lambda: t.Qwen3Config(**common),
+        "gemma2": lambda: t.Gemma2Config(**common, sliding_window=HF_WINDOW,
+                                         layer_types=[sliding, full] * (layers // 2) + [sliding] * (layers % 2)),
+        "gemma3": lambda: t.Gemma3TextConfig(**common, sliding_window=HF_WINDOW,
+                                             layer_types=([sliding] * 3 + [full]) * (layers // 4) +
+                                             [sliding] * (layers % 4)),
+    }[family]()
+
+
+def tiny_hf_lm(family: str, layers: int = 4, seed: int = 0):
+    """A tiny random transformers model of a family, float64, eval mode."""
+    import transformers
+
+    config = tiny_hf_config(family, layers)
+    # Gemma2's attention softcap runs under eager attention only (transformers' default for it)
+    config._attn_implementation = "eager" if family.startswith("gemma") else "sdpa"
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+
+
 def tiny_tokenizer(texts):
     """A byte-level BPE tokenizer trained on `texts` (no hub here), with BOS / EOS."""
     import transformers

@@ -15,7 +15,8 @@ from hypothesis import given, strategies as st
 import layersolve as ls
 from analysis import (FrontierPoint, bench_points, convergence_record, convergence_table, frontier_points,
                       layer_curves, pareto_front, plot_convergence, plot_frontier, plot_heatmap,
-                      plot_layer_convergence, plot_prefix_front, plot_surrogate_error, plot_training, prefix_front,
+                      plot_layer_convergence, plot_prefix_front, plot_surrogate_error, plot_training,
+                      plot_update_profile, prefix_front,
                       surrogate_errors, training_curves)
 from helpers import DTYPE, random_state, residual_system
 
@@ -326,3 +327,21 @@ def test_plot_training():
     assert left.get_xlabel() == right.get_xlabel() == "training step"
     assert left.get_ylabel() == "cross-entropy loss (nats per token)"
     check_style(fig)
+
+
+# -- the update profile --------------------------------------------------------------------------------------------
+
+def test_plot_update_profile_shades_the_segment():
+    profile = [9.0, 0.5, 0.01, 0.02, 0.8]
+    fig = plot_update_profile(profile, segment=(2, 4), title="p")
+    [ax] = fig.axes
+    bars = list(ax.containers[0])  # the bar chart's rectangles
+    np.testing.assert_allclose([b.get_height() for b in bars], profile)
+    np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in bars], range(5))  # block i at x = i
+    [span] = [p for p in ax.patches if p not in bars]
+    xs = span.get_path().transformed(span.get_patch_transform()).vertices[:, 0]  # a Rectangle or a Polygon
+    np.testing.assert_allclose([xs.min(), xs.max()], [1.5, 3.5])  # blocks 2 and 3, edge to edge
+    assert legend_labels(ax) == ["parallel segment: blocks 2-3"] and ax.get_yscale() == "log"
+    assert ax.get_xlabel() == "block (0-based)"
+    check_style(fig)
+    assert plot_update_profile(profile).axes[0].get_legend() is None

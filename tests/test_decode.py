@@ -85,8 +85,8 @@ def test_the_tail_cache_holds_the_final_iterates_keys_and_values(plan):
     trace = tail.solve().trace
     assert tail.solve().stats.iterations < plan.n_par // plan.fuse  # below K = n_par, where every input is final
     k, v = block_kv(tail.system.weights, trace[:-1], tail.system.ctx.select(slice(0, trace.shape[0] - 1)))
-    torch.testing.assert_close(decoder.tail.k, k, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(decoder.tail.v, v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(decoder.segment.k, k, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(decoder.segment.v, v, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("fuse", [1, 2])

@@ -13,43 +13,15 @@ import layersolve as ls
 from models import hf, snlp
 from models.inference.decode import Decoder, generate
 from models.tools import cli
-from helpers import tiny_tokenizer
+from helpers import HF_FAMILIES, HF_VOCAB, tiny_hf_config, tiny_hf_lm, tiny_tokenizer
 
-VOCAB, PROMPT, NEW = 97, 12, 8
-WINDOW = 5  # below PROMPT + NEW, so that the sliding windows bind in every test
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
-
-
-def tiny_config(family: str):
-    """A tiny random config of a family; the windowed families mix sliding and full layers as their models do."""
-    t = transformers
-    return {
-        "llama": lambda: t.LlamaConfig(**COMMON),
-        "mistral": lambda: t.MistralConfig(**COMMON, sliding_window=WINDOW),
-        "qwen2": lambda: t.Qwen2Config(**COMMON),
-        "qwen3": lambda: t.Qwen3Config(**COMMON),
-        "gemma2": lambda: t.Gemma2Config(**COMMON, sliding_window=WINDOW,
-                                         layer_types=["sliding_attention", "full_attention"] * 2),
-        "gemma3": lambda: t.Gemma3TextConfig(**COMMON, sliding_window=WINDOW,
-                                             layer_types=["sliding_attention"] * 3 + ["full_attention"]),
-    }[family]()
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
-
-
-def tiny_lm(family: str, seed: int = 0):
-    config = tiny_config(family)
-    # Gemma2's attention softcap runs under eager attention only (transformers' default for it)
-    config._attn_implementation = "eager" if family.startswith("gemma") else "sdpa"
-    torch.manual_seed(seed)
-    return transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+VOCAB, PROMPT, NEW = HF_VOCAB, 12, 8  # HF_WINDOW < PROMPT + NEW: the sliding windows bind in every test
+FAMILIES = HF_FAMILIES
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
-    lm = tiny_lm(request.param)
+    lm = tiny_hf_lm(request.param)
     return request.param, lm, hf.HFModel(lm)
 
 
@@ -131,7 +103,7 @@ def test_decoding_below_k_equal_n_caches_the_final_iterates_keys(family, idx):
     emb = model.embed(idx)
     trace = snlp.prepare(model, emb, plan).solve().trace
     k, v = model.layers.keys_values(L - 3, trace[:-1], model.layer_inputs(emb, L - 3, 3))
-    assert (decoder.tail.k - k).abs().max() < 1e-12 and (decoder.tail.v - v).abs().max() < 1e-12
+    assert (decoder.segment.k - k).abs().max() < 1e-12 and (decoder.segment.v - v).abs().max() < 1e-12
 
 
 def test_an_unsupported_architecture_is_named(tmp_path):
@@ -145,7 +117,7 @@ def test_an_unsupported_architecture_is_named(tmp_path):
 
 
 def test_a_directory_without_weights_is_named(tmp_path):
-    tiny_config("llama").save_pretrained(tmp_path)
+    tiny_hf_config("llama").save_pretrained(tmp_path)
     with pytest.raises(hf.HFLoadError, match=r"no model weights \(\*.safetensors, pytorch_model\*.bin, \*.gguf\)"):
         hf.load(tmp_path)
     with pytest.raises(hf.HFLoadError, match="not a directory"):
@@ -167,7 +139,7 @@ def saved(tmp_path_factory):
 
     train, _ = load_corpus(None).split()
     tokenizer = tiny_tokenizer(list(train.texts[:4]))
-    config = tiny_config("llama")
+    config = tiny_hf_config("llama")
     config.vocab_size = len(tokenizer)
     torch.manual_seed(0)
     lm = transformers.LlamaForCausalLM(config).eval()
@@ -223,3 +195,24 @@ def test_snlp_bench_hf_times_the_plans(saved, tmp_path, capsys):
     assert {"sequential", "IDN n2 K1 repeat", "Jacobi n2 K1 repeat"} <= set(rows)
     assert "eager sequential forward (batch 1 x 24 tokens" in results["speed"]["baseline"]
     assert "IDN n2 K1 repeat" in capsys.readouterr().out
+
+
+def test_snlp_bench_hf_takes_middle_segments(saved, tmp_path):
+    directory, _ = saved
+    assert cli.main(["bench", "--hf", str(directory), "--tokens", "24", "--repeats", "1", "--start", "1",
+                     "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["speed"]["rows"]
+    assert {"IDN n2@1 K1 repeat", "Jacobi n2@1 K4 repeat"} <= set(rows)
+
+
+def test_snlp_plan_hf_probes_segments_of_the_directorys_model(saved, tmp_path, capsys, monkeypatch):
+    directory, _ = saved
+    monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--hf", str(directory), "--context", "24", "--max-tokens", "96", "--batch-size", "2",
+                     "--lengths", "2", "--strategies", "idn", "jacobi", "--repeats", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["model"] == str(directory) and len(results["profile"]) == 4
+    # length 2 of 4 layers: the tail 2-3 and the two quietest other windows, each by IDN and Jacobi at K = 1, 2
+    assert {(r["start"], r["stop"]) for r in results["rows"]} == {(0, 2), (1, 3), (2, 4)}
+    assert len(results["rows"]) == 12 and "recommended: layers" in capsys.readouterr().out

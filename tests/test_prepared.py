@@ -13,14 +13,14 @@ from models import snlp
 PLAN = snlp.Plan(n_par=4, jacobian=ls.Identity(), iters=2, fuse=2)
 
 
-def test_inference_reuses_the_tail_weights():
+def test_inference_reuses_the_segment_weights():
     model = random_model(tiny_config(), seed=1)
     idx = tokens(2, 16, seed=1)
     with torch.no_grad():
         snlp.forward(model, idx, PLAN)
-        first = model.tail_weights(2, 2)
+        first = model.segment_weights(2, 2)
         snlp.forward(model, idx, PLAN)
-        assert model.tail_weights(2, 2) is first
+        assert model.segment_weights(2, 2) is first
 
 
 def test_a_weight_update_invalidates_what_was_prepared():
@@ -45,7 +45,7 @@ def test_moving_the_model_invalidates_what_was_prepared():
         snlp.forward(model, idx, PLAN)
         model.float()
         out = snlp.forward(model, idx, PLAN).logits
-    assert out.dtype == torch.float32 and model.tail_weights(2, 2).attn.c_q.dtype == torch.float32
+    assert out.dtype == torch.float32 and model.segment_weights(2, 2).attn.c_q.dtype == torch.float32
 
 
 def test_training_builds_fresh_weights_that_carry_the_gradient():
@@ -69,7 +69,7 @@ def test_prepared_and_fresh_weights_compute_the_same_function():
     fresh = snlp.forward(model, idx, PLAN).logits, model(idx)
     with torch.no_grad():
         prepared = snlp.forward(model, idx, PLAN).logits, model(idx)
-        assert model.tail_weights(2, 2).attn.c_qkv is not None
+        assert model.segment_weights(2, 2).attn.c_qkv is not None
     for a, b in zip(fresh, prepared):
         torch.testing.assert_close(a.detach(), b, rtol=1e-12, atol=1e-12)
 

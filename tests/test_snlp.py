@@ -241,4 +241,4 @@ def test_evaluating_the_tail_in_groups_changes_nothing(monkeypatch, fuse):
     grouped, grouped_decoder = snlp.forward(model, idx, plan).logits, Decoder(model, plan)
     grouped_decoder.step(idx)
     torch.testing.assert_close(grouped, batched, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grouped_decoder.tail.k, decoder.tail.k, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grouped_decoder.segment.k, decoder.segment.k, rtol=1e-12, atol=1e-12)

@@ -45,6 +45,8 @@ class HFConfig:
     n_layer: int
     sequence_len: int  # the model's max_position_embeddings
     vocab_size: int
+    n_kv_head: int  # the keys' and values' shape in a KVCache, as GPTConfig gives it
+    head_dim: int
     use_mhc: bool = False  # hyper-connections: none in these families
 
 
@@ -97,7 +99,8 @@ class HFModel(nn.Module):
         self.lm = lm
         self.family = SUPPORTED[kind]
         L = cfg.num_hidden_layers
-        self.config = HFConfig(L, cfg.max_position_embeddings, cfg.vocab_size)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.config = HFConfig(L, cfg.max_position_embeddings, cfg.vocab_size, cfg.num_key_value_heads, head_dim)
         self.layers = Layers(lm.model.layers[:L], parallel)
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * L
         window = getattr(cfg, "sliding_window", None)
@@ -116,6 +119,10 @@ class HFModel(nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self.lm.lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.dtype
 
     def forward(self, idx: Tensor) -> Tensor:
         """The model's own forward (transformers' code): logits (B, T, vocab_size). The baseline of every
@@ -163,15 +170,17 @@ class HFModel(nn.Module):
         past_k, past_v = (None, None) if cache is None else cache.past(slice(unit, unit + n), emb.position)
         return LayerInputs(masks, cos, sin, past_k, past_v)
 
-    def trace(self, emb: Embedded, stop: int | None = None, cache: KVCache | None = None) -> list[Tensor]:
-        """h_0 .. h_stop, one layer after another; with a cache (unit i = layer i), each layer attends to its
-        cached keys and values and stores these tokens'."""
-        states = [emb.x0]
-        for layer in range(self.config.n_layer if stop is None else stop):
-            extra = self.layer_inputs(emb, layer, 1, cache, layer)
+    def trace(self, emb: Embedded, stop: int | None = None, cache: KVCache | None = None, start: int = 0,
+              state: Tensor | None = None) -> list[Tensor]:
+        """h_start .. h_stop (default h_0 .. h_L), layers start .. stop - 1 one after another from `state` = h_start
+        (default h_0 = emb.x0); with a cache (unit i = layer start + i), each layer attends to its cached keys and
+        values and stores these tokens'."""
+        states = [emb.x0 if state is None else state]
+        for layer in range(start, self.config.n_layer if stop is None else stop):
+            extra = self.layer_inputs(emb, layer, 1, cache, layer - start)
             out, k, v = self.layers.evaluate(layer, states[-1][None], extra, batched=False)
             if cache is not None:
-                cache.write(slice(layer, layer + 1), emb.position, k, v)
+                cache.write(slice(layer - start, layer - start + 1), emb.position, k, v)
             states.append(out[0])
         return states
 
@@ -182,8 +191,10 @@ class HFModel(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def layer_system(self, emb: Embedded, start: int = 0, fuse: int = 1, past: KVCache | None = None) -> HFSystem:
-        """The layer system of layers start .. L - 1 on these tokens; with `past`, its unit i is layer start + i."""
+    def layer_system(self, emb: Embedded, start: int = 0, fuse: int = 1, past: KVCache | None = None,
+                     stop: int | None = None) -> HFSystem:
+        """The layer system of layers start .. stop - 1 (default: to the last) on these tokens; with `past`, its
+        unit i is layer start + i."""
         if fuse != 1:
             raise ValueError(f"Plan.fuse={fuse}: fusing layers is defined for nanochat models only; use fuse=1")
-        return HFSystem(self, emb, start, past)
+        return HFSystem(self, emb, start, past, self.config.n_layer if stop is None else stop)

@@ -1,4 +1,4 @@
-"""The decoder layers start .. L - 1 of an `HFModel` on some tokens, as a layersolve `LayerSystem`.
+"""The decoder layers start .. stop - 1 of an `HFModel` on some tokens, as a layersolve `LayerSystem`.
 
 f_l is decoder layer l at the tokens' masks and rotary tables. The skip path of every supported layer is the
 identity (h + attn(norm(h)) + mlp(norm(.))), so `scales` are ones and IDN is the natural surrogate.
@@ -17,9 +17,9 @@ from ..nanochat.block import KVCache
 
 
 class HFSystem(ls.LayerSystem):
-    def __init__(self, model, emb, start: int, cache: KVCache | None = None):
+    def __init__(self, model, emb, start: int, cache: KVCache | None = None, stop: int | None = None):
         self.model, self.emb, self.start, self.cache = model, emb, start, cache
-        n = model.config.n_layer - start
+        n = (model.config.n_layer if stop is None else stop) - start
         x0 = emb.x0
         super().__init__(self._outputs, n, scales=torch.ones(n, dtype=x0.dtype, device=x0.device),
                          state_shape=tuple(x0.shape), dtype=x0.dtype)

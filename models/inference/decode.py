@@ -1,11 +1,11 @@
 """KV-cache decoding, sequential or SNLP, and `generate`.
 
 A `Decoder` feeds tokens (a prompt, then one token at a time) through the model, keeping each unit's keys and
-values: a unit is a block of the sequential prefix, or a block (or fused chunk) of the parallel tail. With a plan,
-each step solves the tail with K Newton iterations over the tail's units, each attending to its own cache; then each
-unit's keys and values for the new tokens are computed from that unit's input in the final iterate, so later tokens
-see a cache consistent with the trace that produced the output. With K = n_par the tokens are exactly those of
-sequential decoding.
+values: a unit is a block of the sequential prefix or suffix, or a block (or fused chunk) of the parallel segment.
+With a plan, each step solves the segment with K Newton iterations over its units, each attending to its own cache;
+then each unit's keys and values for the new tokens are computed from that unit's input in the final iterate, and
+the suffix runs from the segment's final state, so later tokens see a cache consistent with the trace that produced
+the output. With K = n_par the tokens are exactly those of sequential decoding.
 
 With `init="warm"` a step's solve starts from the previous step's final trace at its last token, repeated over the
 new tokens (the prompt step, which has no previous trace, starts from repeat): consecutive tokens' states are close,
@@ -24,7 +24,7 @@ from .snlp import WARM, Plan, prepare
 
 
 class Decoder:
-    """Feeds token batches (B, T) through `model`, sequentially (plan=None) or with SNLP over the plan's tail."""
+    """Feeds token batches (B, T) through `model`, sequentially (plan=None) or with SNLP over the plan's segment."""
 
     def __init__(self, model: GPT, plan: Plan | None = None, capacity: int | None = None, static: bool = False):
         """capacity: the most tokens fed in all (default the model's sequence_len). static: caches of fixed shape
@@ -37,8 +37,11 @@ class Decoder:
         self.capacity = capacity or model.config.sequence_len
         self.position = 0
         self.previous = None  # the last token's normed embedding, for the next token's smear
-        self.prefix = KVCache(L if plan is None else L - plan.n_par, self.capacity, static=static)  # a unit a block
-        self.tail = None if plan is None else KVCache(plan.n_par // plan.fuse, self.capacity, static=static)
+        segment = range(L, L) if plan is None else plan.segment(L)
+        # one cache per part, a unit a block (a fused chunk in the segment), numbered from the part's first block
+        self.prefix = KVCache(segment.start, self.capacity, static=static)
+        self.segment = None if plan is None else KVCache(plan.n_par // plan.fuse, self.capacity, static=static)
+        self.suffix = KVCache(L - segment.stop, self.capacity, static=static) if segment.stop < L else None
         self.stats: list[ls.Stats] = []
         self.results: list[ls.Result] = []  # how each step's solve ended
         self.last_trace = None  # with init="warm": the previous step's final tail trace at its last token
@@ -57,15 +60,15 @@ class Decoder:
             trace = model.trace(emb, cache=self.prefix)
             logits = model.head(trace[-1], trace[model.backout_layer])
         else:
-            tail = prepare(model, emb, self.plan, self.prefix, self.tail)
-            sol = tail.solve(init=self._warm_guess(idx.shape[1]))
+            segment = prepare(model, emb, self.plan, self.prefix, self.segment, self.suffix)
+            sol = segment.solve(init=self._warm_guess(idx.shape[1]))
             self.stats.append(sol.stats)
             self.results.append(sol.result)
-            tail.system.store_kv(sol.trace, self._final_units(sol))
+            segment.system.store_kv(sol.trace, self._final_units(sol))
             if self.plan.init == WARM:
                 self.last_trace = sol.trace[..., -1:, :]  # (C+1, *state) at the last token: T is dim -2
-            logits = tail.logits(model, sol.trace)
-            self.last_prefix = tail.prefix  # h_0 .. h_start of these tokens (what speculative decoding shares)
+            logits = segment.logits(sol.trace)  # the suffix stores its keys and values at the final iterate
+            self.last_prefix = segment.prefix  # h_0 .. h_s of these tokens (what speculative decoding shares)
         self.position += idx.shape[1]
         self.previous = emb.last_embedding
         return logits
@@ -88,10 +91,11 @@ class Decoder:
         return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
 
     def _allocate(self, batch: int, x0: torch.Tensor) -> None:
-        """Static caches before the first step: a tail unit of a fused plan is a wide block with `fuse` times the
+        """Static caches before the first step: a segment unit of a fused plan is a wide block with `fuse` times the
         key / value heads."""
         cfg = self.model.config
-        for cache, fuse in ((self.prefix, 1), (self.tail, None if self.plan is None else self.plan.fuse)):
+        for cache, fuse in ((self.prefix, 1), (self.segment, None if self.plan is None else self.plan.fuse),
+                            (self.suffix, 1)):
             if cache is not None:
                 cache.allocate(batch, fuse * cfg.n_kv_head, cfg.head_dim, x0.dtype, x0.device)
 
@@ -100,7 +104,7 @@ class Decoder:
         values it wrote are already the final iterate's: all of them when that evaluation was at the final iterate
         (a tolerance is checked there; a sequential fallback evaluates its layers at their final inputs), else the
         first K after K iterations, whose inputs were exact by finite termination (up to rounding)."""
-        units = self.tail.units
+        units = self.segment.units
         if self.plan.tol is not None or sol.stats.fallback_layers:
             return units
         return min(sol.stats.iterations, units)

@@ -1,7 +1,10 @@
-"""SNLP over a nanochat model: a sequential prefix of L - n_par blocks, then the last n_par blocks (optionally
-fused M at a time into C = n_par / M chunks) solved in parallel by layersolve with a surrogate Newton correction.
+"""SNLP over a model (nanochat's GPT or a Hugging Face model): a segment of n_par consecutive blocks [s, s + n_par)
+(optionally fused M at a time into C = n_par / M chunks) solved in parallel by layersolve with a surrogate Newton
+correction, between a sequential prefix (blocks 0 .. s - 1) and a sequential suffix (blocks s + n_par .. L - 1).
+By default the segment is the tail (s = L - n_par, no suffix), SNLP's plan.
 
-    plan = snlp.Plan(n_par=8, jacobian=ls.Identity(), iters=2)
+    plan = snlp.Plan(n_par=8, jacobian=ls.Identity(), iters=2)             # the last 8 blocks
+    plan = snlp.Plan(n_par=8, iters=1, start=12)                           # blocks 12 .. 19, then 20 .. L - 1
     out = snlp.forward(model, idx, plan)      # out.logits, out.result, out.stats
 """
 
@@ -23,11 +26,12 @@ WARM = "warm"  # decoding only: the previous token's final trace (the published 
 
 @dataclass(frozen=True)
 class Plan:
-    """n_par: parallel tail length. jacobian: the surrogate. iters / tol: Newton iterations, or a tolerance on the
-    relative residual. init: "repeat" (SNLP h0), "one_step" (batch_fwd), ls.Given(trace), an ls.Learned predictor
-    (preheat, see `fit_preheat`), or for decoding "warm" (each step starts from the previous token's final trace;
-    the prompt step from repeat). damping: d in [0, 1]. fuse: M blocks per fused chunk
-    (C = n_par / M chunks). on_divergence: "stop" or "sequential"."""
+    """n_par: the parallel segment's length. start: its first block s (0-based), None for the tail
+    (s = L - n_par). jacobian: the surrogate. iters / tol: Newton iterations, or a tolerance on the relative
+    residual. init: "repeat" (SNLP h0), "one_step" (batch_fwd), ls.Given(trace), an ls.Learned predictor (preheat,
+    see `fit_preheat`), or for decoding "warm" (each step starts from the previous token's final trace; the prompt
+    step from repeat). damping: d in [0, 1]. fuse: M blocks per fused chunk (C = n_par / M chunks).
+    on_divergence: "stop" or "sequential"."""
 
     n_par: int
     jacobian: ls.Jacobian = field(default_factory=ls.Identity)
@@ -37,11 +41,21 @@ class Plan:
     damping: float = 0.0
     fuse: int = 1
     on_divergence: str = "stop"
+    start: int | None = None
+
+    def segment(self, n_layer: int) -> range:
+        """The blocks solved in parallel, s .. s + n_par - 1, of a model of n_layer blocks."""
+        start = n_layer - self.n_par if self.start is None else self.start
+        return range(start, start + self.n_par)
 
     def check(self, model: GPT) -> None:
         L = model.config.n_layer
-        if not isinstance(self.n_par, int) or not 1 <= self.n_par <= L:
+        if not isinstance(self.n_par, int) or isinstance(self.n_par, bool) or not 1 <= self.n_par <= L:
             raise ValueError(f"Plan.n_par must be an int in [1, {L}] (the model's layers), got {self.n_par!r}")
+        if self.start is not None and (not isinstance(self.start, int) or isinstance(self.start, bool)
+                                       or not 0 <= self.start <= L - self.n_par):
+            raise ValueError(f"Plan.start={self.start!r} with n_par={self.n_par}: the segment [start, start + n_par) "
+                             f"must lie in the model's {L} layers, so start must be an int in [0, {L - self.n_par}]")
         if not isinstance(self.fuse, int) or self.fuse < 1 or self.n_par % self.fuse:
             raise ValueError(f"Plan.fuse={self.fuse!r} must be a positive int that divides n_par={self.n_par}")
         if self.fuse > 1 and model.config.use_mhc:
@@ -61,38 +75,56 @@ class Plan:
 
 
 @dataclass
-class Tail:
-    """A forward at the start of its parallel tail: the plan, the prefix trace h_0 .. h_start (start = L - n_par),
-    and the tail's layer system."""
+class Segment:
+    """A forward at the start of its parallel segment [s, e): the plan, the embedded tokens, the prefix trace
+    h_0 .. h_s, the segment's layer system, and (decoding) the KV cache of the suffix blocks e .. L - 1."""
 
     plan: Plan
+    model: GPT
+    emb: Embedded
     prefix: list[torch.Tensor]
     system: BlockSystem
+    suffix_cache: KVCache | None = None
 
     def solve(self, reference: torch.Tensor | None = None, throw: bool = True, init=None) -> ls.Solution:
-        """The plan's solve of the tail from the prefix's last state; `init` replaces the plan's initial guess."""
+        """The plan's solve of the segment from the prefix's last state; `init` replaces the plan's initial guess."""
         plan = self.plan
         return ls.solve(self.system, self.prefix[-1], plan.solver(), iters=plan.iters, tol=plan.tol,
                         init=plan.guess() if init is None else init, reference=reference,
                         on_divergence=plan.on_divergence, throw=throw)
 
-    def logits(self, model: GPT, trace: torch.Tensor) -> torch.Tensor:
-        """Logits from the tail's trace (C+1, *state): the last state, and the backout state, the output of block
-        n_layer // 2 (trace index b = backout_layer), or of the fused chunk that holds it."""
-        b, start = model.backout_layer, len(self.prefix) - 1
-        backout = self.prefix[b] if b <= start else trace[(b - 1 - start) // self.plan.fuse + 1]
-        return model.head(trace[-1], backout)
+    def suffix(self, trace: torch.Tensor) -> list[torch.Tensor]:
+        """h_e .. h_L: the suffix blocks run one after another from the segment's last state in `trace`
+        (C+1, *state); with a cache, each stores these tokens' keys and values at that final iterate."""
+        stop = self.plan.segment(self.model.config.n_layer).stop
+        return self.model.trace(self.emb, cache=self.suffix_cache, start=stop, state=trace[-1])
+
+    def logits(self, trace: torch.Tensor) -> torch.Tensor:
+        """Logits from the segment's trace (C+1, *state), through the suffix: the last state, and nanochat's backout
+        state h_b (b = backout_layer, the output of block L // 2), read from the prefix, from the fused chunk of
+        the segment that outputs it, or from the suffix."""
+        segment = self.plan.segment(self.model.config.n_layer)
+        suffix = self.suffix(trace)
+        b = self.model.backout_layer
+        if b <= segment.start:
+            backout = self.prefix[b]
+        elif b <= segment.stop:
+            backout = trace[(b - 1 - segment.start) // self.plan.fuse + 1]
+        else:
+            backout = suffix[b - segment.stop]
+        return self.model.head(suffix[-1], backout)
 
 
 def prepare(model: GPT, emb: Embedded, plan: Plan, prefix_cache: KVCache | None = None,
-            tail_cache: KVCache | None = None) -> Tail:
-    """Run the sequential prefix over the embedded tokens and build the tail's layer system. With KV caches
-    (decoding), the prefix's blocks and the tail's units attend to theirs, and the prefix's blocks store these
-    tokens' keys and values."""
+            segment_cache: KVCache | None = None, suffix_cache: KVCache | None = None) -> Segment:
+    """Run the sequential prefix over the embedded tokens and build the segment's layer system. With KV caches
+    (decoding: one per part, its units numbered from the part's first block), the prefix's blocks and the segment's
+    units attend to theirs, and the prefix's blocks store these tokens' keys and values."""
     plan.check(model)
-    start = model.config.n_layer - plan.n_par
-    prefix = model.trace(emb, start, prefix_cache)
-    return Tail(plan, prefix, model.layer_system(emb, start, plan.fuse, past=tail_cache))
+    segment = plan.segment(model.config.n_layer)
+    prefix = model.trace(emb, segment.start, prefix_cache)
+    system = model.layer_system(emb, segment.start, plan.fuse, past=segment_cache, stop=segment.stop)
+    return Segment(plan, model, emb, prefix, system, suffix_cache)
 
 
 @dataclass(frozen=True)
@@ -109,24 +141,24 @@ class Output:
 def forward(model: GPT, idx: torch.Tensor, plan: Plan, throw: bool = True,
             reference: torch.Tensor | None = None) -> Output:
     """The layer-parallel forward. `throw`: raise `ls.SolveError` when the solve fails (else report it in the
-    output's `result`). `reference`: the tail's exact trace (from `sequential_trace`), to record errors per iterate
-    in the stats."""
-    tail = prepare(model, model.embed(idx), plan)
-    sol = tail.solve(reference, throw)
-    return Output(tail.logits(model, sol.trace), sol.result, sol.stats)
+    output's `result`). `reference`: the segment's exact trace (from `sequential_trace`), to record errors per
+    iterate in the stats."""
+    segment = prepare(model, model.embed(idx), plan)
+    sol = segment.solve(reference, throw)
+    return Output(segment.logits(sol.trace), sol.result, sol.stats)
 
 
 def sequential_trace(model: GPT, idx: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plan's model run one layer (or fused chunk) after another: (logits, the tail's trace). For fuse = 1
+    """The plan's model run one layer (or fused chunk) after another: (logits, the segment's trace). For fuse = 1
     this is the model itself; for fused plans it is the fused model, the reference its solves converge to."""
-    tail = prepare(model, model.embed(idx), plan)
-    trace = tail.system.sequential(tail.prefix[-1])
-    return tail.logits(model, trace), trace
+    segment = prepare(model, model.embed(idx), plan)
+    trace = segment.system.sequential(segment.prefix[-1])
+    return segment.logits(trace), trace
 
 
 def fit_preheat(model: GPT, batches, plan: Plan, rank: int = 32) -> ls.Learned:
-    """SNLP's preheat: a rank-`rank` affine predictor of every tail state from the tail's first state, per token,
-    fitted on the exact tail traces of calibration batches (token tensors (B, T))."""
+    """SNLP's preheat: a rank-`rank` affine predictor of every segment state from the segment's first state, per
+    token, fitted on the exact segment traces of calibration batches (token tensors (B, T))."""
     starts, states = [], []
     with torch.no_grad():
         for idx in batches:

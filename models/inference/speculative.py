@@ -4,22 +4,24 @@ prefix. The output is the sequential model's: token for token when greedy, in di
 
 A round, from the last committed token t (fed to nothing yet) at position p:
 
-    draft     B decoding steps of the plan (prefix blocks, then the tail's K-iteration solve) on t, d_1 .. d_{B-1},
-              each proposing the next token d_j from its distribution q_j;
-    verify    the tail's blocks run sequentially on the same B tokens, from the prefix states h_{L-n} the draft
-              computed; their logits give the sequential model's p_j at every position at once;
+    draft     B decoding steps of the plan (prefix blocks, the segment's K-iteration solve, suffix blocks) on t,
+              d_1 .. d_{B-1}, each proposing the next token d_j from its distribution q_j;
+    verify    the blocks from the segment's first, s, to the last run sequentially on the same B tokens, from the
+              prefix states h_s the draft computed; their logits give the sequential model's p_j at every position
+              at once;
     accept    d_j with probability min(1, p_j(d_j) / q_j(d_j)), in order; at the first rejection draw the token from
               norm(max(0, p_j - q_j)) instead and end the round (Leviathan et al. 2023, Chen et al. 2023). Greedy is
               the case of one-hot p and q: accept while the verifier's argmax agrees, else take its argmax.
 
-Sharing and caches. The draft's prefix blocks compute exactly what the verifier's first L - n blocks compute
-(same tokens, same inputs, exact caches), so the verifier does not run them: it only runs the n tail blocks over
-the B tokens, n / L of a sequential pass, and one cache serves both. The cache is one stack of L units; the
-prefix's units are the draft's prefix cache, and without fusion the tail's units are the draft's tail cache too
-(views of the same memory). The draft writes its approximate tail keys and values at the drafted positions, and
-the verifier then overwrites them with the exact ones. With fusion the draft's tail units are fused chunks of
-another shape: they keep their own cache, and after each round get the keys and values of the exact chunk inputs
-(`BlockSystem.store_kv` on the verifier's trace). So after every round each position up to the last committed
+Sharing and caches. The draft's prefix blocks compute exactly what the verifier's first s blocks compute (same
+tokens, same inputs, exact caches), so the verifier does not run them: it only runs the L - s blocks from the
+segment on over the B tokens, (L - s) / L of a sequential pass, and one cache serves both. The cache is one stack
+of L units; the prefix's units are the draft's prefix cache, the suffix's its suffix cache, and without fusion the
+segment's units are the draft's segment cache too (views of the same memory). The draft writes its approximate
+segment and suffix keys and values at the drafted positions, and the verifier then overwrites them with the exact
+ones. With fusion the draft's segment units are fused chunks of another shape: they keep their own cache, and
+after each round get the keys and values of the exact chunk inputs (`BlockSystem.store_kv` on the verifier's
+trace). So after every round each position up to the last committed
 token holds exactly the keys and values of the sequential trace, in every cache. A rejection needs no copying:
 the positions past the accepted tokens are overwritten by the next round, and only the write position, the smear
 state (the last accepted token's embedding) and the warm guess (the exact trace at that token) are reset.
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..nanochat.block import KVCache
-from ..nanochat.gpt import GPT
+from ..nanochat.gpt import GPT  # or a Hugging Face model (models.hf.HFModel): the same surface
 from .decode import Decoder, distribution
 from .snlp import WARM, Plan
 
@@ -70,20 +72,25 @@ class SpeculativeDecoder:
         if plan.init not in ("repeat", WARM, "one_step"):
             raise ValueError(f"plan.init must be 'repeat', 'one_step' or 'warm' for drafting, got {plan.init!r}")
         self.model, self.plan = model, plan
-        self.start = model.config.n_layer - plan.n_par
+        self.segment = plan.segment(model.config.n_layer)  # blocks s .. e - 1
         self.draft = Decoder(model, plan, capacity)
         self.capacity = self.draft.capacity
         self.cache = KVCache(model.config.n_layer, self.capacity)  # every block's units: the verifier's cache
         self.stats = SpeculationStats()
 
     def _share(self, device: torch.device) -> None:
-        """Allocate the one cache and make the draft's prefix (and, unfused, tail) caches views of it."""
-        cfg, n = self.model.config, self.model.config.n_layer
-        self.cache.allocate(1, cfg.n_kv_head, cfg.head_dim, self.model.transformer.wte.weight.dtype, device)
-        self.draft.prefix = KVCache(self.start, self.capacity, self.cache.k[:self.start], self.cache.v[:self.start])
+        """Allocate the one cache and make the draft's prefix, suffix and (unfused) segment caches views of it."""
+        cfg, (s, e) = self.model.config, (self.segment.start, self.segment.stop)
+        self.cache.allocate(1, cfg.n_kv_head, cfg.head_dim, self.model.dtype, device)
+        self.draft.prefix = self._view(0, s)
+        if self.draft.suffix is not None:
+            self.draft.suffix = self._view(e, cfg.n_layer)
         if self.plan.fuse == 1:
-            self.draft.tail = KVCache(n - self.start, self.capacity, self.cache.k[self.start:],
-                                      self.cache.v[self.start:])
+            self.draft.segment = self._view(s, e)
+
+    def _view(self, first: int, stop: int) -> KVCache:
+        """The one cache's units first .. stop - 1 (blocks), as a cache of their own (views of the same memory)."""
+        return KVCache(stop - first, self.capacity, self.cache.k[first:stop], self.cache.v[first:stop])
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new: int, draft_len: int = 4, temperature: float = 0.0,
@@ -122,7 +129,7 @@ class SpeculativeDecoder:
             proposal = _draw(q, generator)
             prefix = draft.last_prefix
             starts.append(prefix[-1])
-            backouts.append(prefix[model.backout_layer] if model.backout_layer <= self.start else None)
+            backouts.append(prefix[model.backout_layer] if model.backout_layer <= self.segment.start else None)
             embeddings.append(draft.previous)
             qs.append(q)
             proposals.append(proposal)
@@ -148,27 +155,27 @@ class SpeculativeDecoder:
         return committed, position + valid, embeddings[valid - 1]
 
     def _verify(self, fed, position, previous, starts, backouts, temperature, top_k):
-        """The sequential model's next-token distributions (B of them) after each fed token, running only the tail
-        blocks from the draft's prefix states; and the tail's exact states (n+1 of (1, .., B, D))."""
-        model = self.model
+        """The sequential model's next-token distributions (B of them) after each fed token, running only the blocks
+        from the segment on, from the draft's prefix states; and their exact states h_s .. h_L (of (1, .., B, D))."""
+        model, L = self.model, self.model.config.n_layer
         emb = model.embed(fed, position=position, previous=previous)
-        ctx = emb.context()
-        states = [torch.cat(starts, dim=-2)]  # (1, [S,] B, D): T is dim -2
-        for i in range(self.start, model.config.n_layer):
-            states.append(model.block(i, states[-1], emb, self.cache, ctx))
+        states = model.trace(emb, cache=self._view(self.segment.start, L), start=self.segment.start,
+                             state=torch.cat(starts, dim=-2))  # (1, [S,] B, D) at h_s: T is dim -2
         b = model.backout_layer
-        backout = torch.cat(backouts, dim=-2) if b <= self.start else states[b - self.start]
+        backout = torch.cat(backouts, dim=-2) if b <= self.segment.start else states[b - self.segment.start]
         logits = model.head(states[-1], backout)[0]  # (B, V)
         return [distribution(row[None], temperature, top_k)[0] for row in logits], states
 
     def _after(self, fed, position, previous, states, valid):
-        """Make the draft's tail cache exact at the fed positions (fused chunks), and its warm guess the exact
+        """Make the draft's segment cache exact at the fed positions (fused chunks), and its warm guess the exact
         trace at the last standing token."""
         plan, draft = self.plan, self.draft
-        chunks = torch.stack(states[::plan.fuse])  # (C+1, 1, [S,] B, D): the exact inputs of the draft's units
+        # (C+1, 1, [S,] B, D): the exact inputs of the draft's segment units, and the segment's last state
+        chunks = torch.stack(states[:plan.n_par + 1:plan.fuse])
         if plan.fuse > 1:
             emb = self.model.embed(fed, position=position, previous=previous)
-            self.model.layer_system(emb, self.start, plan.fuse, past=draft.tail).store_kv(chunks, 0)
+            self.model.layer_system(emb, self.segment.start, plan.fuse, past=draft.segment,
+                                    stop=self.segment.stop).store_kv(chunks, 0)
         if plan.init == WARM:
             draft.last_trace = chunks[..., valid - 1:valid, :]
 

@@ -21,7 +21,7 @@ output of block L // 2 + 1) and a decoding stage's cached keys and values come f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -167,7 +167,7 @@ class HFStage:
         self.model.check_tokens(idx)
 
     def chain(self, h: torch.Tensor, emb, cache: KVCache | None = None, stop: int | None = None) -> list[torch.Tensor]:
-        return self.model.trace(replace(emb, x0=h), stop, cache)
+        return self.model.trace(emb, stop, cache, state=h)
 
     def keys_values(self, inputs: torch.Tensor, emb) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.layers.keys_values(0, inputs, self.model.layer_inputs(emb, 0, self.size))

@@ -125,10 +125,10 @@ class Embedded:
     position: int
     last_embedding: torch.Tensor | None
 
-    def context(self, start: int = 0, fuse: int = 1) -> Context:
-        """What the units from layer `start` on share, `fuse` blocks to a unit: their value embeddings cut and
+    def context(self, start: int = 0, fuse: int = 1, stop: int | None = None) -> Context:
+        """What the units of layers start .. stop - 1 share, `fuse` blocks to a unit: their value embeddings cut and
         fused (fusion.py). The default is every block of the model."""
-        ve = None if self.ve is None else fuse_value_embeddings(self.ve[start:], fuse)
+        ve = None if self.ve is None else fuse_value_embeddings(self.ve[start:stop], fuse)
         return Context(self.x0, ve, self.cos, self.sin, self.position, self.positions)
 
     @functools.cached_property
@@ -299,12 +299,14 @@ class GPT(nn.Module):
         return run_block(weights, i if unit is None else unit, h, emb.context() if ctx is None else ctx, cache,
                          self._forward_with(cache))
 
-    def trace(self, emb: Embedded, stop: int | None = None, cache: KVCache | None = None) -> list[torch.Tensor]:
-        """The sequential trace h_0 .. h_stop (default: every layer), one block after another. With a KV cache of
-        the blocks (decoding), each block attends to its cached keys and values and stores these tokens' own."""
-        ctx, trace = emb.context(), [emb.x0]
-        for i in range(self.config.n_layer if stop is None else stop):
-            trace.append(self.block(i, trace[-1], emb, cache, ctx))
+    def trace(self, emb: Embedded, stop: int | None = None, cache: KVCache | None = None, start: int = 0,
+              state: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The sequential trace h_start .. h_stop (default h_0 .. h_L), blocks start .. stop - 1 one after another
+        from `state` = h_start (default h_0 = emb.x0). With a KV cache of those blocks (decoding; unit i is block
+        start + i), each block attends to its cached keys and values and stores these tokens' own."""
+        ctx, trace = emb.context(start), [emb.x0 if state is None else state]  # ctx unit i: block start + i
+        for i in range(start, self.config.n_layer if stop is None else stop):
+            trace.append(self.block(i, trace[-1], emb, cache, ctx, unit=i - start))
         return trace
 
     def block_weights(self, layers: slice) -> BlockWeights:
@@ -333,10 +335,11 @@ class GPT(nn.Module):
 
     # -- the layer-parallel view (system.py) -------------------------------------------------------------------------
 
-    def tail_weights(self, start: int, fuse: int = 1) -> BlockWeights:
-        """The blocks from `start` on, stacked, and fused `fuse` at a time."""
-        return self.prepared.get(("tail", start, fuse),
-                                 lambda: self._prepare(fuse_weights(self._stacked(start, self.config.n_layer), fuse)))
+    def segment_weights(self, start: int, fuse: int = 1, stop: int | None = None) -> BlockWeights:
+        """The blocks start .. stop - 1 (default: to the last), stacked, and fused `fuse` at a time."""
+        stop = self.config.n_layer if stop is None else stop
+        return self.prepared.get(("segment", start, stop, fuse),
+                                 lambda: self._prepare(fuse_weights(self._stacked(start, stop), fuse)))
 
     @staticmethod
     def _prepare(w: BlockWeights) -> BlockWeights:
@@ -345,11 +348,12 @@ class GPT(nn.Module):
         return w if torch.is_grad_enabled() else with_fused_qkv(w)
 
     def layer_system(self, emb: Embedded, start: int = 0, fuse: int = 1, weights: BlockWeights | None = None,
-                     past: KVCache | None = None) -> BlockSystem:
-        """The residual equation of the blocks from `start` on, fused `fuse` at a time, for layersolve. `weights`:
-        those units' `tail_weights` when the caller has them already; `past`: their KV cache when decoding."""
-        weights = self.tail_weights(start, fuse) if weights is None else weights
-        return BlockSystem(weights, emb.context(start, fuse), past, self._forward_with(past))
+                     past: KVCache | None = None, stop: int | None = None) -> BlockSystem:
+        """The residual equation of the blocks start .. stop - 1 (default: to the last), fused `fuse` at a time,
+        for layersolve. `weights`: those units' `segment_weights` when the caller has them already; `past`: their
+        KV cache when decoding."""
+        weights = self.segment_weights(start, fuse, stop) if weights is None else weights
+        return BlockSystem(weights, emb.context(start, fuse, stop), past, self._forward_with(past))
 
     def _forward_with(self, cache: KVCache | None):
         """The block function for forwards with this cache: compile_blocks' unless a dynamic cache would give it a

@@ -13,7 +13,7 @@ import torch
 import layersolve as ls
 
 from ..io import save_figure, write_atomic, write_json
-from . import staged, suite
+from . import planner, staged, suite
 from .flags import COUNT, POSITIVE, RUN_FLAGS, WEIGHT, given, model_flags, recorded, reg_flags, resumed_flags, train_config
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
 from .speculation import compare
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=POSITIVE, default=32768)
     ev.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["jacobi", "idn"])
     ev.add_argument("--n-par", type=POSITIVE, nargs="+", help="default: half the layers")
+    ev.add_argument("--start", type=COUNT, nargs="+", metavar="S",
+                    help="the parallel segment's first block (0-based), blocks S .. S + n_par - 1 between sequential "
+                         "ones (default: the tail; `snlp plan` finds a segment)")
     ev.add_argument("--iters", type=COUNT, nargs="+", default=[1, 2, 4], help="0: the initial guess only")
     ev.add_argument("--inits", nargs="+", choices=("repeat", "one_step"), default=["repeat"])
     ev.add_argument("--fuse", type=POSITIVE, nargs="+", default=[1])
@@ -88,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--out", type=Path, help="directory for report.md, study.json and the figures (default: "
                                                 "<checkpoint>/study)")
 
+    planner.add_parser(sub)
+
     gen = sub.add_parser("generate", help="sample from a checkpoint, sequentially or with SNLP decoding")
     gen.add_argument("checkpoint", type=Path)
     gen.add_argument("--prompt", default="ROMEO.")
@@ -97,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--n-par", type=POSITIVE, help="SNLP decoding over this tail (default: sequential; with "
                                                "--speculative, half the layers)")
     gen.add_argument("--iters", type=POSITIVE, help="Newton iterations of the SNLP solve (default 2; with --speculative 1)")
+    gen.add_argument("--start", type=COUNT, metavar="S", help="the parallel segment's first block (default: the tail)")
     gen.add_argument("--strategy", choices=STRATEGIES, default="idn")
     gen.add_argument("--seed", type=COUNT, default=0)
     gen.add_argument("--speculative", action="store_true",
@@ -118,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="a local Hugging Face model directory: the grid of `snlp eval --hf` (Jacobi / IDN, K = 1, "
                             "2, 4 over the last half) at batch 1 x --tokens, with --repeats timed calls per plan")
     bench.add_argument("--tokens", type=POSITIVE, default=256, help="--hf: tokens per sequence")
+    bench.add_argument("--start", type=COUNT, nargs="+", metavar="S",
+                       help="--hf: the parallel segments' first blocks (default: the tail)")
     bench.add_argument("--train", action="store_true",
                        help="time training steps instead: plain vs the IDN regularizer in modes all / sample / "
                             "batched, on the tiny preset (configs L/4, L/2, 3L/4)")
@@ -131,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":  # which flags the line gives itself: --resume takes the others from the run
         args.given = given(parser.commands["train"], argv[argv.index("train") + 1:])
     try:
-        return {"demo": _demo, "train": _train, "eval": _eval, "study": _study, "generate": _generate,
-                "bench": _bench}[args.command](args)
+        return {"demo": _demo, "train": _train, "eval": _eval, "plan": _plan, "study": _study,
+                "generate": _generate, "bench": _bench}[args.command](args)
     except (ValueError, FileNotFoundError, ls.SolveError) as err:  # bad input: the message, not a traceback
         print(f"snlp {args.command}: {err}", file=sys.stderr)
         return 2
@@ -209,24 +217,15 @@ def _eval(args) -> int:
     from ..training import evaluate
     from ..inference import snlp
 
-    if (args.checkpoint is None) == (args.hf is None):
-        raise ValueError("give a run directory or --hf DIR" + ("" if args.hf is None else ", not both"))
-    if args.hf is not None:
-        from .. import hf
-
-        model, tokenizer = hf.load(args.hf)
-        args.context = args.context or HF_CONTEXT  # their max_position_embeddings is thousands of tokens
-    else:
-        model, tokenizer = _load_run(args.checkpoint, args.step)
-    source = args.checkpoint or args.hf
-    val = _validation(args, model, tokenizer)
+    # a Hugging Face model's max_position_embeddings is thousands of tokens: HF_CONTEXT by default
+    model, source, val = _model_and_validation(args, lambda m: HF_CONTEXT if args.hf else m.config.sequence_len)
     context = val.seq_len
     L = model.config.n_layer
-    plans = [snlp.Plan(n_par=n, jacobian=strategy(s), iters=k, init=i, fuse=f)
-             for s in args.strategies for n in (args.n_par or [L // 2]) for k in args.iters for i in args.inits
-             for f in args.fuse]
+    plans = [snlp.Plan(n_par=n, jacobian=strategy(s), iters=k, init=i, fuse=f, start=st)
+             for s in args.strategies for n in (args.n_par or [L // 2]) for st in (args.start or [None])
+             for k in args.iters for i in args.inits for f in args.fuse]
     for plan in plans:
-        plan.check(model)
+        _check_plan(plan, model)
     named = {plan_name(p): p for p in plans}
     rows = evaluate.grid(model, val, named)
     first = next(iter(val.batches()))[0]
@@ -245,6 +244,26 @@ def _eval(args) -> int:
         print(f"autoregressive agreement, {name}: {rate:.3f}")
     print(f"wrote {out}")
     return 0
+
+
+def _model_and_validation(args, context):
+    """The model of a run directory or of --hf DIR, where it came from, and the validation text at --context
+    tokens per sequence (default: context(model))."""
+    if (args.checkpoint is None) == (args.hf is None):
+        raise ValueError("give a run directory or --hf DIR" + ("" if args.hf is None else ", not both"))
+    if args.hf is not None:
+        from .. import hf
+
+        model, tokenizer = hf.load(args.hf)
+    else:
+        model, tokenizer = _load_run(args.checkpoint, args.step)
+    args.context = args.context or context(model)
+    return model, args.checkpoint or args.hf, _validation(args, model, tokenizer)
+
+
+def _plan(args) -> int:
+    model, source, val = _model_and_validation(args, lambda m: min(planner.CONTEXT, m.config.sequence_len))
+    return planner.run(args, model, source, val)
 
 
 def _validation(args, model, tokenizer):
@@ -292,6 +311,9 @@ def _generate(args) -> int:
     from ..inference.decode import generate
 
     if args.stages is not None:
+        if args.start is not None:
+            raise ValueError(f"--start {args.start}: a model split across processes is solved over its stages, not "
+                             f"over a segment of layers")
         return staged.run(args)
     if args.pipeline or args.bench:
         raise ValueError("--pipeline and --bench are for a model split across processes: give --stages P")
@@ -316,14 +338,22 @@ def _generate_plan(args, model):
 
     n_par = args.n_par if args.n_par is not None or not args.speculative else max(1, model.config.n_layer // 2)
     if n_par is None:
+        if args.start is not None:
+            raise ValueError(f"--start {args.start} is the first block of the parallel segment: give --n-par too")
         return None
     iters = (1 if args.speculative else 2) if args.iters is None else args.iters
-    plan = snlp.Plan(n_par=n_par, iters=iters, jacobian=strategy(args.strategy))
+    plan = snlp.Plan(n_par=n_par, iters=iters, jacobian=strategy(args.strategy), start=args.start)
+    _check_plan(plan, model)
+    return plan
+
+
+def _check_plan(plan, model) -> None:
+    """plan.check, its error prefixed with the flags that made the plan."""
     try:
         plan.check(model)
     except ValueError as err:
-        raise ValueError(f"--n-par {n_par}: {err}") from err
-    return plan
+        flags = f"--n-par {plan.n_par}" + ("" if plan.start is None else f" --start {plan.start}")
+        raise ValueError(f"{flags}{f' --fuse {plan.fuse}' if plan.fuse > 1 else ''}: {err}") from err
 
 
 def _speculate(args, model, tokenizer, prompt, plan) -> int:
@@ -343,13 +373,15 @@ def _speculate(args, model, tokenizer, prompt, plan) -> int:
 def _bench(args) -> int:
     from . import bench
 
+    if args.start and args.hf is None:
+        raise ValueError("--start is for --hf: the presets and --train time their own plans")
     if args.train:
         return _bench_train(args)
     if args.hf is not None:  # the same grid as `snlp eval --hf`, at the bench's size and repeats
         return _eval(_parser().commands["eval"].parse_args(
             ["--hf", str(args.hf), "--context", str(args.tokens), "--max-tokens", str(4 * args.tokens),
              "--batch-size", "1", "--ar-prompts", "0", "--repeats", str(args.repeats), "--out",
-             str(args.out / "bench.json")]))
+             str(args.out / "bench.json"), *(["--start", *map(str, args.start)] if args.start else [])]))
     device = torch.device(args.device)
     preset = args.preset or ("gpu-0.5b" if device.type == "cuda" else "cpu")
     results = suite.run(preset, device)

@@ -45,10 +45,11 @@ def n_par_configs(n_layer: int, quarters: tuple[int, ...] = (1, 2, 3)) -> tuple[
 
 
 def plan_name(plan) -> str:
-    """SNLP-style names: 'IDN n8 K2 repeat', '4xF2 IDN n8 K1 one_step', 'IDN n8 K0 repeat (initial guess
-    only)'."""
+    """SNLP-style names: 'IDN n8 K2 repeat' (the tail), 'IDN n8@12 K1 repeat' (the segment of 8 blocks from block
+    12), '4xF2 IDN n8 K1 one_step', 'IDN n8 K0 repeat (initial guess only)'."""
     fused = f"{plan.n_par // plan.fuse}xF{plan.fuse} " if plan.fuse > 1 else ""
     init = plan.init if isinstance(plan.init, str) else type(plan.init).__name__.lower()
     label = LABELS.get(type(plan.jacobian), type(plan.jacobian).__name__)
+    at = "" if plan.start is None else f"@{plan.start}"
     guess_only = " (initial guess only)" if plan.iters == 0 else ""
-    return f"{fused}{label} n{plan.n_par} K{plan.iters} {init}{guess_only}"
+    return f"{fused}{label} n{plan.n_par}{at} K{plan.iters} {init}{guess_only}"
