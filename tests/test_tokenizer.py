@@ -91,7 +91,7 @@ def test_token_bytes_count_utf8_bytes(tokenizer):
 
 def test_save_load_in_nanochats_format(tmp_path, tokenizer):
     tokenizer.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["token_bytes.pt", "tokenizer.json", "tokenizer.pkl"]
     with open(tmp_path / "tokenizer.pkl", "rb") as f:  # what nanochat's RustBPETokenizer.from_directory does
         encoding = pickle.load(f)
     assert isinstance(encoding, tiktoken.Encoding)
@@ -99,9 +99,42 @@ def test_save_load_in_nanochats_format(tmp_path, tokenizer):
     assert encoding.encode_single_token("<|bos|>") == tokenizer.get_bos_token_id()
     assert torch.equal(torch.load(tmp_path / "token_bytes.pt"), tokenizer.token_bytes())
 
-    loaded = tk.Tokenizer.load(tmp_path)
+    loaded = tk.Tokenizer.load(tmp_path)  # from tokenizer.json
     assert loaded.fingerprint == tokenizer.fingerprint
     assert loaded.encode(SAMPLES, prepend="<|bos|>") == tokenizer.encode(SAMPLES, prepend="<|bos|>")
+    (tmp_path / "tokenizer.json").unlink()  # nanochat's directory: the pickle alone, read when trusted
+    assert tk.Tokenizer.load(tmp_path, trust_pickle=True).fingerprint == tokenizer.fingerprint
+
+
+class Crafted:
+    """A pickle that runs code when read: it creates the file `marker` (what an attacker's payload would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_pickle_in_a_tokenizer_directory_is_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(Crafted(marker)))
+    with pytest.raises(tk.TokenizerError, match=r"only a pickle .* can run any code .* not read; if you trust this "
+                                                r"directory, convert it once with `python -m models.training.tokenizer"):
+        tk.Tokenizer.load(tmp_path)
+    assert not marker.exists()
+    (tmp_path / "tokenizer.json").write_text("{}")  # a tokenizer.json is read instead of the pickle, never both
+    with pytest.raises(tk.TokenizerError, match="tokenizer.json: corrupt or not a tokenizer file"):
+        tk.Tokenizer.load(tmp_path)
+    assert not marker.exists()
+
+
+def test_the_conversion_reads_a_trusted_pickle_once(tmp_path, tokenizer, capsys):
+    tokenizer.save(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    assert tk.main([str(tmp_path)]) == 0 and (tmp_path / "tokenizer.json").is_file()
+    assert tk.Tokenizer.load(tmp_path).fingerprint == tokenizer.fingerprint
+    assert tk.main([]) == 2 and "usage" in capsys.readouterr().err
 
 
 def test_fingerprint_tells_tokenizers_apart(training_texts, tokenizer):
@@ -124,7 +157,7 @@ def test_default_tokenizer_is_trained_once_on_the_training_split(tmp_path, monke
     assert second.fingerprint == first.fingerprint and second.get_vocab_size() == 512
     [directory] = tmp_path.iterdir()
     assert directory.name.startswith("tokenizer-512-")
-    assert sorted(p.name for p in directory.iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]
+    assert sorted(p.name for p in directory.iterdir()) == ["token_bytes.pt", "tokenizer.json", "tokenizer.pkl"]
     train, val = data.load_corpus(None).split()
     assert trained_on[0] == list(train.texts) and not set(val.texts) & set(trained_on[0])
 
@@ -132,16 +165,22 @@ def test_default_tokenizer_is_trained_once_on_the_training_split(tmp_path, monke
 def test_load_without_tokenizer_says_what_to_run(tmp_path):
     with pytest.raises(tk.TokenizerNotFoundError, match="train_tokenizer") as err:
         tk.Tokenizer.load(tmp_path)
-    assert isinstance(err.value, FileNotFoundError) and "tokenizer.pkl" in str(err.value)
+    assert isinstance(err.value, FileNotFoundError) and "tokenizer.json" in str(err.value)
 
 
-def test_load_refuses_foreign_files(tmp_path):
+def test_load_refuses_foreign_files(tmp_path, tokenizer):
     (tmp_path / "tokenizer.pkl").write_bytes(b"not a pickle")
     with pytest.raises(tk.TokenizerError, match="corrupt"):
-        tk.Tokenizer.load(tmp_path)
+        tk.Tokenizer.load(tmp_path, trust_pickle=True)
     (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(tk.TokenizerError, match="not a tiktoken Encoding"):
-        tk.Tokenizer.load(tmp_path)
+        tk.Tokenizer.load(tmp_path, trust_pickle=True)
+    tokenizer.save(tmp_path)
+    text = (tmp_path / "tokenizer.json").read_text()
+    for broken in (text[:len(text) // 2], text.replace('"format": "layersolve', '"format": "other'), "[1, 2]"):
+        (tmp_path / "tokenizer.json").write_text(broken)
+        with pytest.raises(tk.TokenizerError, match="tokenizer.json: corrupt or not a tokenizer file"):
+            tk.Tokenizer.load(tmp_path)
 
 
 @pytest.mark.parametrize("vocab_size", [0, 100, 264, 300.0])

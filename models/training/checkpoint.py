@@ -65,8 +65,8 @@ def restore(directory: Path, cfg: TrainConfig, model: GPT, opts, loader: TokenLo
                          f"{differing}); resume with the same settings, or train into a new --out directory")
     model.load_state_dict(nanochat.load(directory, step, device=env.device).state_dict())
     path = optimizer_path(directory, step, env.rank)
-    try:  # our own file, of optimizer states (not only tensors): weights_only cannot read it
-        state = torch.load(path, map_location=env.device, weights_only=False)
+    try:  # optimizer states are tensors, numbers and containers: weights_only reads them and runs no pickled code
+        state = torch.load(path, map_location=env.device, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing (the checkpoint of step {step} has no optimizer state for rank "
                               f"{env.rank}; was it trained with {env.world} processes?)") from None

@@ -4,13 +4,22 @@ Same split pattern, same special tokens in the same order at the end of the voca
 the special tokens, and nanochat's tokenizer directory (`tokenizer.pkl`: the pickled tiktoken Encoding;
 `token_bytes.pt`: UTF-8 bytes per token id, 0 for special tokens, as scripts/tok_train.py writes it), so a
 tokenizer trained here loads in nanochat and one trained there loads here.
+
+A directory written here also holds `tokenizer.json`, the same Encoding as data (its split pattern, its merges'
+ranks as base64 tokens, its special tokens), and that is what `Tokenizer.load` reads: unpickling a file can run
+any code it holds, so a run folder someone sent is safe to open. nanochat's own directories have only the pickle;
+`Tokenizer.load(directory, trust_pickle=True)` reads it, and `python -m models.training.tokenizer DIR` converts a
+directory you trust once (it writes tokenizer.json beside the pickle).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import pickle
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable
@@ -28,7 +37,8 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 BOS = SPECIAL_TOKENS[0]
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the 256 byte tokens, which BPE starts from, plus the specials
-ENCODING_FILE, TOKEN_BYTES_FILE = "tokenizer.pkl", "token_bytes.pt"
+ENCODING_FILE, PICKLE_FILE, TOKEN_BYTES_FILE = "tokenizer.json", "tokenizer.pkl", "token_bytes.pt"
+FORMAT = "layersolve tiktoken encoding 1"  # tokenizer.json's "format": what a reader checks first
 
 
 class TokenizerError(ValueError):
@@ -98,33 +108,61 @@ class Tokenizer:
         return digest.hexdigest()
 
     def save(self, directory: str | Path) -> Path:
-        """Write nanochat's tokenizer directory: token_bytes.pt, then tokenizer.pkl (each atomically; the
-        Encoding last, so a directory with it is complete)."""
+        """Write the tokenizer directory: token_bytes.pt and tokenizer.pkl (nanochat's), then tokenizer.json (each
+        atomically; the file `load` reads last, so a directory with it is complete)."""
         directory = Path(directory)
         token_bytes = self.token_bytes()
         write_atomic(directory / TOKEN_BYTES_FILE, lambda f: torch.save(token_bytes, f))
-        write_atomic(directory / ENCODING_FILE, lambda f: pickle.dump(self.encoding, f))
+        write_atomic(directory / PICKLE_FILE, lambda f: pickle.dump(self.encoding, f))
+        e = self.encoding
+        data = {"format": FORMAT, "name": e.name, "pattern": e._pat_str, "special_tokens": e._special_tokens,
+                "ranks": {base64.b64encode(token).decode(): rank for token, rank in e._mergeable_ranks.items()}}
+        write_atomic(directory / ENCODING_FILE, lambda f: f.write(json.dumps(data).encode()))
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> Tokenizer:
-        """The tokenizer of a directory written by `save` or by nanochat (scripts/tok_train.py). The file is a
-        pickle, as nanochat's: load only directories you trust."""
-        path = Path(directory) / ENCODING_FILE
-        if not path.is_file():
+    def load(cls, directory: str | Path, trust_pickle: bool = False) -> Tokenizer:
+        """The tokenizer of a directory written by `save` (tokenizer.json, data only), or with trust_pickle=True
+        of one written by nanochat (scripts/tok_train.py: tokenizer.pkl, a pickle, which can run code when read:
+        only for directories you trust)."""
+        directory = Path(directory)
+        path, pickled = directory / ENCODING_FILE, directory / PICKLE_FILE
+        if path.is_file():
+            return cls(_encoding_from_json(path))
+        if not pickled.is_file():
             raise TokenizerNotFoundError(
                 f"{path}: no tokenizer here; train one with models.training.tokenizer.train_tokenizer(texts, vocab_size)"
                 f".save({str(directory)!r}), use models.training.data.default_tokenizer(cache_dir, vocab_size), or run nanochat's "
                 "`python -m scripts.tok_train` and point to its tokenizer directory")
+        if not trust_pickle:
+            raise TokenizerError(
+                f"{directory}: the tokenizer is only a pickle ({PICKLE_FILE}, nanochat's format), and reading a pickle "
+                f"can run any code it holds, so it is not read; if you trust this directory, convert it once with "
+                f"`python -m models.training.tokenizer {directory}` (it writes {ENCODING_FILE} beside it)")
         try:
-            with open(path, "rb") as f:
+            with open(pickled, "rb") as f:
                 encoding = pickle.load(f)
         except Exception as err:  # pickle raises many types for truncated or foreign files
-            raise TokenizerError(f"{path}: corrupt or not a pickled tiktoken Encoding ({type(err).__name__}: "
+            raise TokenizerError(f"{pickled}: corrupt or not a pickled tiktoken Encoding ({type(err).__name__}: "
                                  f"{err}); delete it and train the tokenizer again") from err
         if not isinstance(encoding, tiktoken.Encoding):
-            raise TokenizerError(f"{path}: holds a {type(encoding).__name__}, not a tiktoken Encoding")
+            raise TokenizerError(f"{pickled}: holds a {type(encoding).__name__}, not a tiktoken Encoding")
         return cls(encoding)
+
+
+def _encoding_from_json(path: Path) -> tiktoken.Encoding:
+    """The Encoding of a tokenizer.json, every field checked: a corrupt or foreign file is named, not half-read."""
+    try:
+        data = json.loads(path.read_bytes())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+        ranks = {base64.b64decode(token, validate=True): int(rank) for token, rank in data["ranks"].items()}
+        specials = {str(name): int(rank) for name, rank in data["special_tokens"].items()}
+        return tiktoken.Encoding(name=str(data["name"]), pat_str=str(data["pattern"]), mergeable_ranks=ranks,
+                                 special_tokens=specials)
+    except Exception as err:  # JSON, base64, missing keys, tiktoken's own checks: one message for all
+        raise TokenizerError(f"{path}: corrupt or not a tokenizer file ({type(err).__name__}: {err}); delete the "
+                             f"tokenizer directory and train it again") from None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -149,3 +187,24 @@ def training_key(texts: tuple[str, ...]) -> str:
     for text in texts:
         digest.update(hashlib.blake2b(text.encode(), digest_size=16).digest())
     return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m models.training.tokenizer DIR`: convert nanochat's pickled tokenizer directory, which you trust,
+    to tokenizer.json (read without unpickling from then on)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m models.training.tokenizer DIR  (a tokenizer directory you trust: its tokenizer.pkl "
+              "is unpickled once, and tokenizer.json written beside it)", file=sys.stderr)
+        return 2
+    try:
+        Tokenizer.load(argv[0], trust_pickle=True).save(argv[0])
+    except TokenizerError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"wrote {Path(argv[0]) / ENCODING_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
