@@ -5,6 +5,7 @@ A leaf module: every part of `models` may import it."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -32,9 +33,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    """Write obj as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n"
+    """Write obj as indented JSON, atomically. JSON has no NaN or infinity: a non-finite float is written as null
+    (a bare NaN is what Python's json would write, and no strict parser reads it)."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
     return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def _finite(obj):
+    """obj with every non-finite float, at any depth of dicts, lists and tuples, replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:

@@ -33,3 +33,13 @@ def test_save_figure_writes_png_by_suffix(tmp_path):
     save_figure(fig, tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert not plt.fignum_exists(fig.number)  # closed after saving
+
+
+def test_write_json_writes_strict_json(tmp_path):
+    """Row 16 of issue 26: a bare NaN (Python's json default) is not JSON; every result goes through write_json."""
+    path = write_json(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, float("inf"), (float("-inf"), 2)]})
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"a": None, "b": [1.0, None, [None, 2]]}

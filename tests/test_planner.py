@@ -102,7 +102,7 @@ def test_segment_flags_are_checked_by_name(run, tmp_path, capsys, monkeypatch):
     assert cli.main(["generate", str(run), "--start", "2", "--max-new", "2"]) == 2
     assert "--start 2 is the first block of the parallel segment: give --n-par too" in capsys.readouterr().err
     assert cli.main(["bench", "--preset", "tiny", "--start", "1", "--out", str(tmp_path / "b")]) == 2
-    assert "--start is for --hf" in capsys.readouterr().err
+    assert "--start does nothing without --hf" in capsys.readouterr().err
     assert cli.main(["eval", str(run), "--n-par", "3", "--start", "1", "--iters", "1", "--max-tokens", "256",
                      "--repeats", "1", "--ar-prompts", "0", "--out", str(tmp_path / "e.json")]) == 0
     assert set(json.loads((tmp_path / "e.json").read_text())["grid"]) == {"sequential", "IDN n3@1 K1 repeat",

@@ -22,7 +22,8 @@ class HFLoadError(ValueError):
 def load(directory: str | Path, dtype: torch.dtype | None = None, parallel: str = "vmap") -> tuple[HFModel, "HFTokenizer"]:
     """The model in `directory` (safetensors or .bin with config.json, or a single .gguf, which transformers
     dequantizes) in eval mode, and its tokenizer. dtype: the compute dtype (default the checkpoint's)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     d = Path(directory)
     if not d.is_dir():
@@ -36,8 +37,19 @@ def load(directory: str | Path, dtype: torch.dtype | None = None, parallel: str 
         if not (d / "config.json").exists():
             raise HFLoadError(f"{d}: weights but no config.json")
         check_supported(AutoConfig.from_pretrained(d).model_type, where=f"{d}: ")  # before reading the weights
-    lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa", **gguf).eval()
-    return HFModel(lm, parallel), load_tokenizer(d, **gguf)
+    tokenizer = load_tokenizer(d, **gguf)  # the cheaper check first
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa", **gguf).eval()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or foreign weight files
+        raise HFLoadError(f"{d}: corrupt weights, or not this config's ({type(err).__name__}: {_first_line(err)})") \
+            from None
+    return HFModel(lm, parallel), tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of a library's error, cut: its advice below (install this, pass that) is not ours to give."""
+    lines = str(err).strip().splitlines() or [""]
+    return lines[0][:200]
 
 
 def load_tokenizer(directory: str | Path, **gguf) -> "HFTokenizer":
@@ -47,8 +59,8 @@ def load_tokenizer(directory: str | Path, **gguf) -> "HFTokenizer":
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **gguf)
     except (OSError, ValueError) as err:
-        raise HFLoadError(f"{directory}: no tokenizer could be loaded ({type(err).__name__}: {err}); save it beside "
-                          f"the weights with tokenizer.save_pretrained") from None
+        raise HFLoadError(f"{directory}: no tokenizer could be loaded ({type(err).__name__}: {_first_line(err)}); "
+                          f"save it beside the weights with tokenizer.save_pretrained") from None
     return HFTokenizer(tokenizer)
 
 

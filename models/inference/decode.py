@@ -126,7 +126,8 @@ def distribution(logits: torch.Tensor, temperature: float, top_k: int | None) ->
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits.float() / temperature, dim=-1)
+    # in float64: a huge temperature (1e308) is inf in float32, and -inf / inf at the top-k cut would be NaN
+    return torch.softmax(logits.double() / temperature, dim=-1).float()
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> torch.Tensor:

@@ -60,6 +60,9 @@ class Plan:
             raise ValueError(f"Plan.fuse={self.fuse!r} must be a positive int that divides n_par={self.n_par}")
         if self.fuse > 1 and model.config.use_mhc:
             raise ValueError("Plan.fuse > 1 is not defined for mHC models (hyper-connections do not fuse)")
+        if isinstance(self.jacobian, ls.Mixing) and self.jacobian.matrices is None and not model.config.use_mhc:
+            raise ValueError("the HCN surrogate (ls.Mixing) needs an mHC model (use_mhc=True: trained with --mhc); "
+                             "this model has no hyper-connections: use IDN")
         if isinstance(self.init, str) and self.init not in (*INITS, WARM):
             raise ValueError(f"Plan.init must be one of {sorted([*INITS, WARM])} or a layersolve guess, got "
                              f"{self.init!r}")

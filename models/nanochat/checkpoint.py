@@ -42,6 +42,9 @@ def paths(directory: str | Path, step: int) -> tuple[Path, Path]:
     return directory / f"model_{step:06d}.pt", directory / f"meta_{step:06d}.json"
 
 
+SHAPE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")  # what nanochat writes
+
+
 def read_config(meta_path: Path) -> GPTConfig:
     try:
         meta = json.loads(meta_path.read_text())
@@ -56,6 +59,10 @@ def read_config(meta_path: Path) -> GPTConfig:
     if unknown:
         raise CheckpointError(f"{meta_path}: unknown model_config field(s) {unknown}; known: "
                               f"{sorted(GPTConfig.field_names())}")
+    missing = [k for k in SHAPE_FIELDS if k not in config]
+    if missing:  # a default would make another model, and the errors it leads to would name something else
+        raise CheckpointError(f"{meta_path}: model_config has no {', '.join(map(repr, missing))} (every nanochat "
+                              f"checkpoint records {', '.join(SHAPE_FIELDS)})")
     config.setdefault("window_pattern", "L")  # checkpoints from before sliding windows were all full-context
     try:
         return GPTConfig(**config)

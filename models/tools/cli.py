@@ -14,7 +14,8 @@ import layersolve as ls
 
 from ..io import save_figure, write_atomic, write_json
 from . import planner, staged, suite
-from .flags import COUNT, POSITIVE, RUN_FLAGS, WEIGHT, given, model_flags, recorded, reg_flags, resumed_flags, train_config
+from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, check_out, device, given, model_flags, partners, recorded,
+                    reg_flags, resumed_flags, train_config)
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
 from .speculation import compare
 
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--keep", type=POSITIVE, default=3,
                        help="checkpoints kept, the newest (default 3; the final one is always among them)")
     train.add_argument("--sft-n-par", type=POSITIVE, help="SNLP-forward fine-tuning: train through snlp.forward")
-    train.add_argument("--sft-iters", type=POSITIVE, default=1)
+    train.add_argument("--sft-iters", type=POSITIVE, default=1, help="--sft-n-par: Newton iterations (default 1)")
     train.add_argument("--sft-strategy", choices=STRATEGIES, default="idn")
     train.add_argument("--init-from", help="checkpoint directory to start from (for fine-tuning)")
     model_flags(train)
@@ -103,12 +104,12 @@ def _parser() -> argparse.ArgumentParser:
                                                "--speculative, half the layers)")
     gen.add_argument("--iters", type=POSITIVE, help="Newton iterations of the SNLP solve (default 2; with --speculative 1)")
     gen.add_argument("--start", type=COUNT, metavar="S", help="the parallel segment's first block (default: the tail)")
-    gen.add_argument("--strategy", choices=STRATEGIES, default="idn")
+    gen.add_argument("--strategy", choices=STRATEGIES, help="the SNLP surrogate (default idn)")
     gen.add_argument("--seed", type=COUNT, default=0)
     gen.add_argument("--speculative", action="store_true",
                      help="self-speculative decoding: the SNLP plan drafts, the sequential model verifies (its "
                           "output, not the plan's); prints acceptance and the speedup over sequential decoding")
-    gen.add_argument("--draft-len", type=POSITIVE, default=4, metavar="B", help="--speculative: tokens drafted per round")
+    gen.add_argument("--draft-len", type=POSITIVE, metavar="B", help="--speculative: tokens drafted per round (default 4)")
     staged.add_flags(gen)
 
     bench = sub.add_parser("bench", help="prefill and decoding: sequential vs SNLP plans, JSON + tables")
@@ -117,13 +118,13 @@ def _parser() -> argparse.ArgumentParser:
                             "T 512 and 2048, decode at batch 1 and 8), tiny (a smoke run); default: gpu-0.5b on "
                             "CUDA, else cpu")
     bench.add_argument("--out", type=Path, default=Path("snlp-out/bench"), help="directory for bench.json / .md")
-    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    bench.add_argument("--repeats", type=POSITIVE, default=5,
-                       help="--hf: timed calls per plan; --train: timed steps per mode")
+    bench.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_argument("--repeats", type=POSITIVE,
+                       help="--hf: timed calls per plan; --train: timed steps per mode (default 5)")
     bench.add_argument("--hf", type=Path, metavar="DIR",
                        help="a local Hugging Face model directory: the grid of `snlp eval --hf` (Jacobi / IDN, K = 1, "
                             "2, 4 over the last half) at batch 1 x --tokens, with --repeats timed calls per plan")
-    bench.add_argument("--tokens", type=POSITIVE, default=256, help="--hf: tokens per sequence")
+    bench.add_argument("--tokens", type=POSITIVE, help="--hf: tokens per sequence (default 256)")
     bench.add_argument("--start", type=COUNT, nargs="+", metavar="S",
                        help="--hf: the parallel segments' first blocks (default: the tail)")
     bench.add_argument("--train", action="store_true",
@@ -136,37 +137,45 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "train":  # which flags the line gives itself: --resume takes the others from the run
-        args.given = given(parser.commands["train"], argv[argv.index("train") + 1:])
+    # which flags the line gives itself: --resume takes the others from the run, and a flag that does nothing
+    # without its partner is refused
+    args.given = given(parser.commands[args.command], argv[argv.index(args.command) + 1:])
     try:
-        return {"demo": _demo, "train": _train, "eval": _eval, "plan": _plan, "study": _study,
+        code = {"demo": _demo, "train": _train, "eval": _eval, "plan": _plan, "study": _study,
                 "generate": _generate, "bench": _bench}[args.command](args)
+        sys.stdout.flush()  # a closed pipe fails here, in the handler below, not in Python's flush at exit
+        return code
     except (ValueError, FileNotFoundError, ls.SolveError) as err:  # bad input: the message, not a traceback
         print(f"snlp {args.command}: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`snlp eval ... | head -1`): stop quietly, as a pipe expects
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer the pipe stopped
 
 
 def _demo(args) -> int:
     from . import demo
     from ..training.regularizer import Regularizer
 
+    out = args.out or Path("snlp-out/demo-toy" if args.toy else "snlp-out/demo-quick" if args.quick else "snlp-out/demo")
+    check_out(out, directory=True)
     toy = demo.ToyConfig()
     if args.toy:
         toy = demo.ToyConfig(layers=toy.layers if args.depth is None else args.depth,
                              width=toy.width if args.width is None else args.width,
                              seed=toy.seed if args.seed is None else args.seed)
-        demo.run_toy(args.out or Path("snlp-out/demo-toy"), toy)
+        demo.run_toy(out, toy)
         return 0
     if args.quick:
         args.preset = "quick"
     cfg = train_config(args)
     regularizer = Regularizer(ls.Identity(), n_par_configs(cfg.model.n_layer, quarters=(1, 2)), stride=1)
-    demo.run_models(args.out or Path("snlp-out/demo-quick" if args.quick else "snlp-out/demo"), cfg, regularizer,
-                    args.reg_lambda, CACHE)
+    demo.run_models(out, cfg, regularizer, args.reg_lambda, CACHE)
     return 0
 
 
 def _train(args) -> int:
+    from .. import nanochat
     from ..inference import snlp
     from ..training.loop import Data, Interrupted, train
 
@@ -174,10 +183,17 @@ def _train(args) -> int:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.resume:
         args = resumed_flags(args, args.given)
+    partners(args, {"reg_lambda": (lambda a: a.reg != "none", "--reg"),
+                    "sft_iters": (lambda a: a.sft_n_par, "--sft-n-par"),
+                    "sft_strategy": (lambda a: a.sft_n_par, "--sft-n-par")})
     cfg = train_config(args)
+    if args.resume and (done := nanochat.steps(args.out)[-1]) >= cfg.steps:
+        raise ValueError(f"--resume: {args.out} is already at step {done} >= --steps {cfg.steps}: give more --steps "
+                         f"to train further")
     if args.sft_n_par:
         cfg = dataclasses.replace(cfg, sft_plan=snlp.Plan(n_par=args.sft_n_par, iters=args.sft_iters,
                                                           jacobian=strategy(args.sft_strategy)))
+        _check_plan(cfg.sft_plan, argparse.Namespace(config=cfg.model), "--sft-n-par")
     save_every = max(1, cfg.steps // 10) if args.save_every is None else args.save_every
     cfg = dataclasses.replace(cfg, save_every=save_every, keep_checkpoints=args.keep, init_from=args.init_from)
     cfg.check()  # before the corpus is tokenized: a plan the model cannot take fails now, not after the work
@@ -217,6 +233,7 @@ def _eval(args) -> int:
     from ..training import evaluate
     from ..inference import snlp
 
+    check_out(args.out or (args.checkpoint or args.hf or Path(".")) / "eval.json")
     # a Hugging Face model's max_position_embeddings is thousands of tokens: HF_CONTEXT by default
     model, source, val = _model_and_validation(args, lambda m: HF_CONTEXT if args.hf else m.config.sequence_len)
     context = val.seq_len
@@ -262,6 +279,7 @@ def _model_and_validation(args, context):
 
 
 def _plan(args) -> int:
+    check_out(args.out or (args.checkpoint or args.hf or Path(".")) / "plan.json")
     model, source, val = _model_and_validation(args, lambda m: min(planner.CONTEXT, m.config.sequence_len))
     return planner.run(args, model, source, val)
 
@@ -281,6 +299,7 @@ def _study(args) -> int:
 
     from . import study
 
+    check_out(args.out or args.checkpoint / "study", directory=True)
     runs = {args.checkpoint.name: args.checkpoint}
     if args.baseline is not None:
         if args.baseline.name == args.checkpoint.name:
@@ -310,6 +329,13 @@ def _study(args) -> int:
 def _generate(args) -> int:
     from ..inference.decode import generate
 
+    def solved(a) -> bool:  # whether decoding solves anything in parallel
+        return a.n_par is not None or a.speculative or a.stages is not None
+
+    partners(args, {"strategy": (solved, "--n-par, --speculative or --stages"),
+                    "iters": (solved, "--n-par, --speculative or --stages"),
+                    "draft_len": (lambda a: a.speculative, "--speculative")})
+    args.strategy, args.draft_len = args.strategy or "idn", args.draft_len or 4
     if args.stages is not None:
         if args.start is not None:
             raise ValueError(f"--start {args.start}: a model split across processes is solved over its stages, not "
@@ -347,12 +373,12 @@ def _generate_plan(args, model):
     return plan
 
 
-def _check_plan(plan, model) -> None:
+def _check_plan(plan, model, n_par_flag: str = "--n-par") -> None:
     """plan.check, its error prefixed with the flags that made the plan."""
     try:
         plan.check(model)
     except ValueError as err:
-        flags = f"--n-par {plan.n_par}" + ("" if plan.start is None else f" --start {plan.start}")
+        flags = f"{n_par_flag} {plan.n_par}" + ("" if plan.start is None else f" --start {plan.start}")
         raise ValueError(f"{flags}{f' --fuse {plan.fuse}' if plan.fuse > 1 else ''}: {err}") from err
 
 
@@ -373,8 +399,11 @@ def _speculate(args, model, tokenizer, prompt, plan) -> int:
 def _bench(args) -> int:
     from . import bench
 
-    if args.start and args.hf is None:
-        raise ValueError("--start is for --hf: the presets and --train time their own plans")
+    partners(args, {"start": (lambda a: a.hf, "--hf (the presets and --train time their own plans)"),
+                    "tokens": (lambda a: a.hf, "--hf (the presets set their own shapes)"),
+                    "repeats": (lambda a: a.hf or a.train, "--hf or --train (the presets set their own repeats)")})
+    args.tokens, args.repeats = args.tokens or 256, args.repeats or 5
+    check_out(args.out, directory=True)
     if args.train:
         return _bench_train(args)
     if args.hf is not None:  # the same grid as `snlp eval --hf`, at the bench's size and repeats

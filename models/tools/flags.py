@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +35,43 @@ def bounded(kind: type, low: float, high: float | None = None) -> Callable[[str]
 
     parse.__name__ = allowed  # what argparse would name the type in its own messages
     return parse
+
+
+def device(text: str) -> str:
+    """An argparse type: a torch device this machine has, "cpu" or "cuda[:N]"."""
+    import torch
+
+    try:
+        kind = torch.device(text).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "" if torch.version.cuda else ", a CPU-only build"
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here (torch {torch.__version__}{build})")
+    return text
+
+
+def check_out(path: Path, directory: bool = False, flag: str = "--out") -> None:
+    """Refuse, before any work, an output path that cannot be written: `path` a file (its folder is made), or with
+    `directory` a folder. Its nearest existing ancestor must be a folder this process may write in."""
+    folder = path if directory else path.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if path.exists() and path.is_dir() != directory:
+        raise ValueError(f"{flag} {path}: is {'not ' if directory else ''}a directory")
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {existing}")
+
+
+def partners(args, rules: dict[str, tuple[Callable[[argparse.Namespace], bool], str]]) -> None:
+    """Refuse a flag given on the line (args.given) that does nothing here: rules maps its destination to (whether
+    it takes effect, given the other flags; what it needs)."""
+    for dest, (works, needs) in rules.items():
+        if dest in args.given and not works(args):
+            raise ValueError(f"--{dest.replace('_', '-')} does nothing without {needs}")
 
 
 POSITIVE = bounded(int, 1)

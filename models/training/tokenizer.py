@@ -28,7 +28,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from ..io import write_atomic
+from ..io import write_atomic, write_json
 
 # nanochat's GPT-4-style pattern: digits are split in runs of at most 2 (GPT-4 uses 3).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -117,7 +117,7 @@ class Tokenizer:
         e = self.encoding
         data = {"format": FORMAT, "name": e.name, "pattern": e._pat_str, "special_tokens": e._special_tokens,
                 "ranks": {base64.b64encode(token).decode(): rank for token, rank in e._mergeable_ranks.items()}}
-        write_atomic(directory / ENCODING_FILE, lambda f: f.write(json.dumps(data).encode()))
+        write_json(directory / ENCODING_FILE, data)
         return directory
 
     @classmethod
