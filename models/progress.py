@@ -18,7 +18,7 @@ class Lines:
     def __init__(self, iterable: Iterable | None, total: int, desc: str, unit: str, initial: int, every: int,
                  file: IO[str]):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
-        self.done, self.every, self.file = initial, max(1, every), file
+        self.done, self.initial, self.every, self.file = initial, initial, max(1, every), file
         self.postfix, self.start, self.last_line = "", time.perf_counter(), initial
 
     def __iter__(self) -> Iterator:
@@ -39,7 +39,7 @@ class Lines:
             return
         self.last_line = self.done
         seconds = time.perf_counter() - self.start
-        rate = f", {self.done / seconds:.3g} {self.unit}/s" if seconds > 0 else ""
+        rate = f", {(self.done - self.initial) / seconds:.3g} {self.unit}/s" if seconds > 0 else ""  # done here
         postfix = f", {self.postfix}" if self.postfix else ""
         print(f"{self.desc}: {self.done}/{self.total} {self.unit}{rate}{postfix}", file=self.file, flush=True)
 

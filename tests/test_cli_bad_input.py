@@ -160,3 +160,28 @@ def test_row_11_a_meta_without_a_shape_field_is_named(run, tmp_path, field, caps
     meta.write_text(json.dumps(data))
     err = refused(["eval", str(sent), *EVAL], capsys)
     assert f"meta_000004.json: model_config has no {field!r}" in err and err.count("\n") == 1, err
+
+
+def test_row_3_a_sequence_too_long_for_memory_is_refused_up_front(tmp_path, capsys):
+    err = refused(["train", "--preset", "quick", "--steps", "5", "--seq-len", "100000000", "--out",
+                   str(tmp_path / "r")], capsys)
+    assert "--seq-len 100000000: the rotary tables alone (10 x sequence_len positions) would take" in err
+    assert "GiB" in err and not (tmp_path / "r").exists()
+
+
+def test_row_4_a_model_too_deep_for_memory_is_refused_up_front(tmp_path, capsys):
+    err = refused(["train", "--preset", "quick", "--steps", "5", "--depth", "100000", "--out", str(tmp_path / "r")],
+                  capsys)
+    assert "--depth 100000: a model of" in err and "parameters needs about" in err and "GiB" in err
+
+
+def test_the_footprint_of_the_presets_fits_a_small_machine():
+    """The estimate is not so rough that it refuses what runs: the CPU presets need well under 1 GiB."""
+    from models.training.config import PRESETS, footprint
+
+    from models.nanochat import GPT
+
+    for name in ("quick", "tiny"):
+        need = footprint(PRESETS[name])
+        actual = sum(p.numel() for p in GPT(PRESETS[name].model).parameters())
+        assert need.total_bytes < 2**30 and abs(need.parameters / actual - 1) < 0.1, (name, need, actual)

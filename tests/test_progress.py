@@ -33,3 +33,13 @@ def test_disabled_prints_nothing():
     log = io.StringIO()
     assert list(progress(range(3), total=3, desc="x", disable=True, file=log)) == [0, 1, 2]
     assert log.getvalue() == ""
+
+
+def test_row_15_a_resumed_run_shows_the_rate_of_the_steps_done_now(monkeypatch):
+    """Issue 26, row 15: resumed at step 90 of 100, 10 steps in 1 s is 10 step/s, not 100."""
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr("models.progress.time.perf_counter", lambda: next(clock))
+    log = io.StringIO()
+    bar = Lines(None, 100, "train", "step", 90, 10, log)
+    bar.update(10)
+    assert log.getvalue() == "train: 100/100 step, 10 step/s\n"

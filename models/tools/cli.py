@@ -14,8 +14,8 @@ import layersolve as ls
 
 from ..io import save_figure, write_atomic, write_json
 from . import planner, staged, suite
-from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, check_out, device, given, model_flags, partners, recorded,
-                    reg_flags, resumed_flags, train_config)
+from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, check_fits, check_out, device, given, model_flags,
+                    partners, recorded, reg_flags, resumed_flags, train_config)
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
 from .speculation import compare
 
@@ -187,6 +187,7 @@ def _train(args) -> int:
                     "sft_iters": (lambda a: a.sft_n_par, "--sft-n-par"),
                     "sft_strategy": (lambda a: a.sft_n_par, "--sft-n-par")})
     cfg = train_config(args)
+    check_fits(cfg, args)
     if args.resume and (done := nanochat.steps(args.out)[-1]) >= cfg.steps:
         raise ValueError(f"--resume: {args.out} is already at step {done} >= --steps {cfg.steps}: give more --steps "
                          f"to train further")

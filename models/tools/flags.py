@@ -66,6 +66,37 @@ def check_out(path: Path, directory: bool = False, flag: str = "--out") -> None:
         raise ValueError(f"{flag} {path}: cannot write in {existing}")
 
 
+SIZE_FLAGS = ("depth", "width", "aspect_ratio", "seq_len", "batch_size", "vocab_size", "mhc")
+
+
+def check_fits(cfg, args) -> None:
+    """Refuse, before any work, a run this machine cannot hold: the training footprint of the config
+    (training.config.footprint, an estimate from its shapes) against the memory of the device it trains on, naming
+    the flags that set the size."""
+    import torch
+
+    from ..training.config import footprint
+
+    need = footprint(cfg)
+    if torch.cuda.is_available():
+        memory, where = torch.cuda.get_device_properties(0).total_memory, "this GPU has"
+    else:
+        memory, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    if need.rotary_bytes > memory:
+        raise ValueError(f"--seq-len {cfg.model.sequence_len}: the rotary tables alone (10 x sequence_len positions) "
+                         f"would take {_gb(need.rotary_bytes)}, and {where} {_gb(memory)}")
+    if need.total_bytes > memory:
+        flags = " ".join(f"--{f.replace('_', '-')} {getattr(args, f)}" for f in SIZE_FLAGS if f in args.given)
+        raise ValueError(f"{flags or f'--preset {args.preset}'}: a model of {need.parameters:.3g} parameters needs about "
+                         f"{_gb(need.total_bytes)} to train (weights, gradients and optimizer state, "
+                         f"{_gb(need.training_bytes)}; one batch's activations, {_gb(need.activation_bytes)}), and "
+                         f"{where} {_gb(memory)}")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
 def partners(args, rules: dict[str, tuple[Callable[[argparse.Namespace], bool], str]]) -> None:
     """Refuse a flag given on the line (args.given) that does nothing here: rules maps its destination to (whether
     it takes effect, given the other flags; what it needs)."""

@@ -59,6 +59,37 @@ class TrainConfig:
         return json.loads(json.dumps(dataclasses.asdict(self), default=repr))
 
 
+BYTES_PER_PARAMETER = 16  # float32 weights and gradients, and two optimizer moments
+ACTIVATION_PASSES = 24  # float32 states of (batch x tokens x width) kept per layer for the backward pass, roughly
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """A rough memory estimate of training, from the config alone (no model is built): the parameters (nanochat's
+    blocks: q, k, v, o and a 4x MLP; the embedding and the head; value embeddings on half the layers), the bytes
+    to train them, the activations of one batch, and the rotary tables (10 x sequence_len positions, float64)."""
+
+    parameters: int
+    training_bytes: int
+    activation_bytes: int
+    rotary_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.training_bytes + self.activation_bytes + self.rotary_bytes
+
+
+def footprint(cfg: "TrainConfig") -> Footprint:
+    m = cfg.model
+    D, L, V, kv = m.n_embd, m.n_layer, m.padded_vocab_size, m.n_kv_head * m.head_dim
+    block = 2 * D * D + 2 * D * kv + 8 * D * D
+    values = 0 if m.no_ve else (L + 1) // 2 * V * kv
+    parameters = L * block + 2 * V * D + values
+    activations = cfg.batch_size * m.sequence_len * D * L * ACTIVATION_PASSES * 4
+    rotary = 2 * 10 * m.sequence_len * (m.head_dim // 2) * 8
+    return Footprint(parameters, parameters * BYTES_PER_PARAMETER, activations, rotary)
+
+
 def model_shapes(config: GPTConfig) -> GPT:
     """The model of `config` on the meta device: its shapes, no weights; what plans are checked against before a
     run's work starts."""
