@@ -23,8 +23,6 @@
 # no other plan beats on both axes.
 
 # %% tags=["parameters"]
-import os
-
 n_layer = 6
 n_embd = 64
 steps = 30  # training steps of each model; a few hundred give a better model (and take minutes)
@@ -32,7 +30,7 @@ batch_size = 4
 reg_lambda = 1.0
 repeats = 5  # timed forwards per plan (the median counts)
 seed = 0
-cache_dir = os.environ.get("SNLP_CACHE", "snlp-out/cache")  # tokenizer, token streams and trained runs
+cache_dir = None  # tokenizer, token streams and trained runs; None: the snlp command's cache ($SNLP_CACHE, ~/.cache/snlp)
 
 # %%
 # %matplotlib inline
@@ -49,12 +47,13 @@ from models.training import evaluate
 from models.training.config import PRESETS
 from models.training.loop import Data
 from models.training.regularizer import Regularizer
-from models.training.runs import pair, trained_runs
+from models.training.runs import default_cache, pair, trained_runs
 
 torch.manual_seed(seed)
 quick = PRESETS["quick"]  # the demo's toy size, shrunk by the parameters above
 config = dataclasses.replace(quick, steps=steps, batch_size=batch_size, seed=seed,
                              model=dataclasses.replace(quick.model, n_layer=n_layer, n_embd=n_embd))
+cache_dir = cache_dir or default_cache()  # one place, whichever folder the notebook runs from
 data = Data.prepare(None, config.model.vocab_size, cache_dir)  # the embedded corpus, its BPE tokenizer
 trained = trained_runs(pair(config, Regularizer(ls.Identity(), (n_layer // 2,)), reg_lambda), data, cache_dir,
                     show_progress=False)

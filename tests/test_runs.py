@@ -52,3 +52,24 @@ def test_the_code_version_follows_the_source(tmp_path, monkeypatch):
     runs.code_version.cache_clear()
     assert runs.code_version() != before
     runs.code_version.cache_clear()
+
+
+def test_row_24_one_cache_whatever_folder_a_command_or_notebook_runs_from(tmp_path, monkeypatch):
+    """Issue 26, row 24: the default cache is an absolute place ($SNLP_CACHE, else $XDG_CACHE_HOME/snlp), so a
+    notebook started from notebooks/ reuses the runs the command line trained from the repository's root."""
+    from pathlib import Path
+
+    from models.training.runs import default_cache
+
+    monkeypatch.delenv("SNLP_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    places = set()
+    for folder in (tmp_path, tmp_path / "notebooks"):
+        folder.mkdir(exist_ok=True)
+        monkeypatch.chdir(folder)
+        places.add(default_cache())
+    assert places == {tmp_path / "xdg" / "snlp"}
+    monkeypatch.setenv("SNLP_CACHE", "relative/cache")
+    assert default_cache() == tmp_path / "notebooks" / "relative" / "cache"  # made absolute where it was given
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    assert not [p.name for p in notebooks.glob("*.py") if "snlp-out/cache" in p.read_text()]

@@ -197,7 +197,7 @@ class TestBadPlans:
     def test_unknown_init_and_mixing_without_mhc(self):
         with pytest.raises(ValueError, match="Plan.init must be one of"):
             snlp.forward(self.model, self.idx, snlp.Plan(n_par=2, init="hot"))
-        with pytest.raises(ValueError, match="needs a system that provides mixing"):
+        with pytest.raises(ValueError, match=r"the HCN surrogate \(ls.Mixing\) needs an mHC model"):  # before any work
             snlp.forward(self.model, self.idx, snlp.Plan(n_par=2, jacobian=ls.Mixing()))
 
     def test_divergence_raises_with_stats(self):

@@ -18,8 +18,9 @@ from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, check_fits, check_out, d
                     partners, recorded, reg_flags, resumed_flags, train_config)
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
 from .speculation import compare
+from ..training.runs import default_cache
 
-CACHE = Path(os.environ.get("SNLP_CACHE", "snlp-out/cache"))  # tokenizers and tokenized corpora
+CACHE = default_cache()  # tokenizers, tokenized corpora and the demo's trained runs: one place for every folder
 HF_CONTEXT = 256  # tokens per sequence of `eval --hf` by default
 
 

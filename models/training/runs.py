@@ -33,6 +33,15 @@ SOURCES = tuple(Path(package.__file__).resolve().parent for package in (layersol
     Path(__file__).resolve().parent,)
 
 
+def default_cache() -> Path:
+    """Where tokenizers, token streams and trained runs are kept when no folder is given: $SNLP_CACHE, else
+    $XDG_CACHE_HOME/snlp (~/.cache/snlp). An absolute place, so that the command line and a notebook started from
+    any folder share one cache."""
+    if os.environ.get("SNLP_CACHE"):
+        return Path(os.environ["SNLP_CACHE"]).expanduser().resolve()
+    return (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "snlp").expanduser().resolve()
+
+
 @lru_cache(maxsize=None)
 def code_version() -> str:
     """A hash of the training code's source files (their paths and contents) and of the torch version."""
