@@ -235,9 +235,9 @@ def _eval(args) -> int:
     from ..training import evaluate
     from ..inference import snlp
 
-    check_out(args.out or (args.checkpoint or args.hf or Path(".")) / "eval.json")
     # a Hugging Face model's max_position_embeddings is thousands of tokens: HF_CONTEXT by default
-    model, source, val = _model_and_validation(args, lambda m: HF_CONTEXT if args.hf else m.config.sequence_len)
+    model, source, val = _model_and_validation(args, lambda m: HF_CONTEXT if args.hf else m.config.sequence_len,
+                                               "eval.json")
     context = val.seq_len
     L = model.config.n_layer
     plans = [snlp.Plan(n_par=n, jacobian=strategy(s), iters=k, init=i, fuse=f, start=st)
@@ -265,11 +265,12 @@ def _eval(args) -> int:
     return 0
 
 
-def _model_and_validation(args, context):
+def _model_and_validation(args, context, out_name: str):
     """The model of a run directory or of --hf DIR, where it came from, and the validation text at --context
-    tokens per sequence (default: context(model))."""
+    tokens per sequence (default: context(model)); --out (default: out_name beside the model) is checked first."""
     if (args.checkpoint is None) == (args.hf is None):
         raise ValueError("give a run directory or --hf DIR" + ("" if args.hf is None else ", not both"))
+    check_out(args.out or (args.checkpoint or args.hf) / out_name)
     if args.hf is not None:
         from .. import hf
 
@@ -281,8 +282,8 @@ def _model_and_validation(args, context):
 
 
 def _plan(args) -> int:
-    check_out(args.out or (args.checkpoint or args.hf or Path(".")) / "plan.json")
-    model, source, val = _model_and_validation(args, lambda m: min(planner.CONTEXT, m.config.sequence_len))
+    model, source, val = _model_and_validation(args, lambda m: min(planner.CONTEXT, m.config.sequence_len),
+                                               "plan.json")
     return planner.run(args, model, source, val)
 
 

@@ -237,8 +237,8 @@ def run(args, model, source: Path, val: evaluate.Validation) -> int:
 
     out = args.out or source / "plan.json"
     results = search(model, val, search_of(args, model.config.n_layer), args.budget, args.repeats)
-    first = next(iter(val.batches()))[0]
-    results = {"model": str(source), "environment": bench.environment(first.device), "context": val.seq_len,
+    results = {"model": str(source), "environment": bench.environment(model.lm_head.weight.device),
+               "context": val.seq_len,
                "tokens": args.max_tokens, **results}
     text = table(results)
     write_json(out, results)
