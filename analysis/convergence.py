@@ -123,35 +123,54 @@ def plot_layer_convergence(stats: ls.Stats, quantity: str = "error", title: str 
     return fig
 
 
-def plot_heatmap(stats: ls.Stats, quantity: str = "residual", title: str = ""):
-    """log10 of `quantity` over layers (x) and iterations (y, k = 0 at the top). Grey cells are NaN (not
-    evaluated) or exactly 0, which a log scale cannot show."""
+def plot_heatmap(stats: ls.Stats, quantity: str = "residual", title: str = "", first_layer: int = 1):
+    """log10 of `quantity` over layers (x, numbered from `first_layer`: a model's own numbers for a solve of its
+    last layers) and iterations (y, k = 0 at the top). Iterates that were not evaluated at all (the residual of the
+    last one, usually) have no row; cells exactly 0, which a log scale cannot show, are grey."""
     import matplotlib
 
     curves = layer_curves(stats, quantity).numpy()
-    with np.errstate(invalid="ignore"):
+    evaluated = ~np.isnan(curves).all(axis=1)
+    rows = np.flatnonzero(evaluated)
+    curves = curves[: rows[-1] + 1] if len(rows) else curves[:0]
+    with np.errstate(invalid="ignore", divide="ignore"):
         logs = np.log10(_positive(curves))
     fig, [ax] = figure()
     cmap = matplotlib.colormaps["magma"].with_extremes(bad="lightgrey")
+    last = first_layer + curves.shape[1] - 1
     image = ax.imshow(np.ma.masked_invalid(logs), aspect="auto", cmap=cmap, interpolation="nearest",
-                      extent=(0.5, curves.shape[1] + 0.5, curves.shape[0] - 0.5, -0.5))
+                      extent=(first_layer - 0.5, last + 0.5, curves.shape[0] - 0.5, -0.5))
+    grey = [why for why, cells in (("exactly 0", curves == 0), ("not evaluated", np.isnan(curves))) if cells.any()]
     bar = fig.colorbar(image, ax=ax)
-    bar.set_label(f"log10 relative {quantity} (grey: not evaluated or 0)", fontsize=SMALL)
+    bar.set_label(f"log10 relative {quantity}" + (f" (grey: {' or '.join(grey)})" if grey else ""), fontsize=SMALL)
     bar.ax.tick_params(labelsize=SMALL)
-    style(ax, "layer l", "iteration k", title, integer="xy")
+    dropped = [k for k in range(len(evaluated)) if k >= curves.shape[0]]
+    if dropped:
+        ax.text(0.01, -0.12, f"iterate k={', '.join(map(str, dropped))}: {quantity} not evaluated (no row)",
+                transform=ax.transAxes, fontsize=SMALL, color="grey")
+    style(ax, "layer l (of the model)" if first_layer > 1 else "layer l", "iteration k", title, integer="xy")
     ax.grid(False)
     return fig
 
 
 def plot_prefix_front(runs: Mapping[str, ls.Stats], title: str = ""):
-    """Exact prefix against iterations, one step line per solve, beside the guarantee min(k, L) of finite
-    termination (L: the deepest of the solves)."""
+    """Exact prefix against iterations, one step line per distinct front, beside the guarantee min(k, L) of finite
+    termination (L: the deepest of the solves). Solves with the same front share one line, and the legend names
+    them all (and says so where they lie on the guarantee): curves drawn over each other would show one colour."""
     fig, [ax] = figure()
     last = max((len(s.exact_prefix) for s in runs.values()), default=1) - 1
     depth = max((s.num_layers for s in runs.values()), default=0)
     ks = np.arange(last + 1)
-    ax.step(ks, np.minimum(ks, depth), where="post", color="grey", linestyle="--", label="guaranteed: min(k, L)")
+    guarantee = tuple(int(p) for p in np.minimum(ks, depth))
+    fronts: dict[tuple, list[str]] = {}
     for name, stats in runs.items():
-        ax.step(*zip(*prefix_front(stats)), where="post", marker="o", markersize=3, label=name)
-    style(ax, "iteration k", "exact prefix (layers within prefix_tol)", title, integer="xy")
+        fronts.setdefault(tuple(p for _, p in prefix_front(stats)), []).append(name)
+    on_guarantee = [name for front in [f for f in fronts if f == guarantee[:len(f)]] for name in fronts.pop(front)]
+    label = "guaranteed: min(k, L)" + (f" = {', '.join(on_guarantee)}" if on_guarantee else "")
+    ax.step(ks, guarantee, where="post", color="grey", linestyle="--", marker="o" if on_guarantee else None,
+            markersize=3, label=label)
+    for front, names in fronts.items():
+        ax.step(range(len(front)), front, where="post", marker="o", markersize=3,
+                label=", ".join(names) + (" (identical)" if len(names) > 1 else ""))
+    style(ax, "iteration k", "exact prefix (layers within prefix_tol)", title, integer="xy", legend=True)
     return fig

@@ -10,6 +10,7 @@ from typing import Iterable, Mapping, Sequence
 
 import layersolve as ls
 
+from ._labels import name_points
 from ._plot import SMALL, figure, style
 
 SEQUENTIAL = "sequential"  # the name of the reference row, in grids and in bench results
@@ -94,11 +95,14 @@ def plot_frontier(points: Sequence[FrontierPoint], quality_label: str = "validat
                   baseline: str = "sequential", lower_is_better: bool = True, title: str = ""):
     """Quality against speedup, one colour per group; failed solves as crosses; the Pareto front of each group as
     a line, its plans and the failed ones named (naming every plan buries the front under overlapping names; the
-    rest are in the caller's table); the sequential point at 1.0x on a dotted line. Unmeasured points are counted in a
-    note, not drawn. A log quality axis when the values span more than a factor 10."""
+    rest are in the caller's table); the sequential point at 1.0x on a dotted line. No two names overprint: where
+    points crowd, a name moves off its point on a leader line, or goes by a number listed in the legend
+    (name_points). Unmeasured points are counted in a note, not drawn. A log quality axis when the values span more
+    than a factor 10."""
     fig, [ax] = figure()
     groups = list(dict.fromkeys(p.group for p in points))
     drawn = [p for p in points if p.measured]
+    named = []  # (speedup, quality, name): named once the axes are final, in name_points
     ax.axvline(1.0, color="grey", linestyle=":", label=f"{baseline} (1.0x)")
     for i, group in enumerate(groups):
         color, mine = f"C{i}", [p for p in drawn if p.group == group]
@@ -114,7 +118,7 @@ def plot_frontier(points: Sequence[FrontierPoint], quality_label: str = "validat
                 ax.scatter([p.speedup], [p.quality], color=color, marker="*", s=150, zorder=3,
                            label=prefix + SEQUENTIAL)
             elif p in front or not p.ok:
-                ax.annotate(p.name, (p.speedup, p.quality), fontsize=SMALL, xytext=(4, 3), textcoords="offset points")
+                named.append((p.speedup, p.quality, p.name))
         if len(front) > 1:
             ax.plot([p.speedup for p in front], [p.quality for p in front], color=color, linewidth=1.5, alpha=0.6,
                     label=prefix + "Pareto front")
@@ -126,4 +130,5 @@ def plot_frontier(points: Sequence[FrontierPoint], quality_label: str = "validat
         ax.text(0.01, 0.01, f"{len(points) - len(drawn)} plan(s) without a measured speedup or quality not shown",
                 transform=ax.transAxes, fontsize=SMALL, color="grey")
     style(ax, f"speedup over sequential (x, baseline: {baseline})", quality_label, title)
+    name_points(ax, named)
     return fig

@@ -7,6 +7,8 @@ Failure is data: `solve(..., throw=False)` returns a `Solution` whose `result` s
 from __future__ import annotations
 
 import enum
+import functools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -89,6 +91,27 @@ class Stats:
     def num_layers(self) -> int:
         return self.residual.shape[1]
 
+    @staticmethod
+    def worst(records: Iterable[Stats]) -> Stats:
+        """One record for the same solve of several inputs (an evaluation's batches): per iterate and layer the
+        largest residual, error and contraction, the smallest exact prefix, and the largest counts. A solve that
+        stopped earlier keeps its last row, as a schedule's finished segment does. Its last row's error is then
+        what an evaluation reports as the max over batches of each layer's error."""
+        records = list(records)
+        if not records or len({s.num_layers for s in records}) > 1:
+            raise ValueError("Stats.worst needs at least one record, all over the same number of layers")
+        rows = max(s.residual.shape[0] for s in records)
+
+        def largest(name: str, n: int, fill: float | None = None) -> torch.Tensor:  # NaN only where none is known
+            return functools.reduce(torch.fmax, [pad_rows(getattr(s, name), n, fill) for s in records])
+
+        prefix = functools.reduce(torch.minimum, [pad_rows(s.exact_prefix[:, None], rows) for s in records])[:, 0]
+        return Stats(residual=largest("residual", rows),
+                     error=largest("error", rows) if all(s.error is not None for s in records) else None,
+                     exact_prefix=prefix, contraction=largest("contraction", rows - 1, math.nan),
+                     **{name: max(getattr(s, name) for s in records) for name in _COUNTS},
+                     prefix_tol=records[0].prefix_tol)
+
     def final_residual(self) -> float:
         """Largest relative residual of the last evaluated iterate."""
         rows = self.residual[~torch.isnan(self.residual).all(dim=1)]
@@ -109,6 +132,18 @@ class Stats:
                 line += f", max error {float(self.error[k].max()):.3e}"
             lines.append(line)
         return "\n".join(lines)
+
+
+_COUNTS = ("iterations", "evaluations", "jvps", "inner_iterations", "depth", "fallback_layers")
+
+
+def pad_rows(x: torch.Tensor, rows: int, fill: float | None = None) -> torch.Tensor:
+    """Extend to `rows` rows by repeating the last row (a finished solve's state stays), or with `fill`."""
+    extra = rows - x.shape[0]
+    if extra <= 0:
+        return x
+    tail = x[-1:].expand(extra, -1) if fill is None else torch.full((extra, x.shape[1]), fill, dtype=x.dtype)
+    return torch.cat([x, tail])
 
 
 class SolveError(RuntimeError):

@@ -20,7 +20,7 @@ import math
 import torch
 
 from . import kernels
-from ._diagnostics import Result, Solution, SolveError, Stats
+from ._diagnostics import Result, Solution, SolveError, Stats, pad_rows
 from ._guesses import Given, Repeat
 from ._newton import Newton
 from ._recurrence import layer_norms
@@ -244,24 +244,15 @@ def _stats(residual, error, contraction, work, prefix_tol, fallback, iterations=
                  fallback_layers=fallback)
 
 
-def _pad_rows(x: Tensor, rows: int, fill: float | None = None) -> Tensor:
-    """Extend to `rows` rows by repeating the last row (a finished segment's state stays), or with `fill`."""
-    extra = rows - x.shape[0]
-    if extra <= 0:
-        return x
-    tail = x[-1:].expand(extra, -1) if fill is None else torch.full((extra, x.shape[1]), fill, dtype=x.dtype)
-    return torch.cat([x, tail])
-
-
 def _combine(records: list[Stats]) -> Stats:
     """One record over all layers of a schedule. Row k is every segment after its k-th iteration (a segment that
     finished earlier keeps its last row)."""
     rows = max(s.residual.shape[0] for s in records)
-    residual = torch.cat([_pad_rows(s.residual, rows) for s in records], dim=1)
+    residual = torch.cat([pad_rows(s.residual, rows) for s in records], dim=1)
     error = None
     if all(s.error is not None for s in records):
-        error = torch.cat([_pad_rows(s.error, rows) for s in records], dim=1)
-    contraction = torch.cat([_pad_rows(s.contraction, rows - 1, math.nan) for s in records], dim=1)
+        error = torch.cat([pad_rows(s.error, rows) for s in records], dim=1)
+    contraction = torch.cat([pad_rows(s.contraction, rows - 1, math.nan) for s in records], dim=1)
     prefix = []
     for k in range(rows):
         total = 0

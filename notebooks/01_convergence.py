@@ -47,6 +47,7 @@ import torch
 import analysis
 import layersolve as ls
 from models import snlp
+from models.training import evaluate
 from models.training.config import PRESETS
 from models.training.loop import Data
 from models.training.regularizer import Regularizer
@@ -62,7 +63,8 @@ trained = trained_runs(pair(config, Regularizer(ls.Identity(), (n_layer // 2,)),
                     show_progress=False)
 models = {name: run.model().double().requires_grad_(False) for name, run in trained.items()}  # float64: exact maths
 for name, run in trained.items():
-    print(f"{name:<16} {'reused' if run.reused else 'trained'}: validation ppl {run.metrics['evals'][-1]['ppl']:.1f}")
+    status = "reused" if run.reused else "trained"
+    print(f"{name:<16} {status}: validation {evaluate.describe(run.metrics['evals'][-1])}")
 
 # %% [markdown]
 # ## Every strategy, both models

@@ -59,7 +59,8 @@ trained = trained_runs(pair(config, Regularizer(ls.Identity(), (n_layer // 2,)),
                     show_progress=False)
 models = {name: run.model().requires_grad_(False) for name, run in trained.items()}  # float32, as it would be served
 for name, run in trained.items():
-    print(f"{name:<16} {'reused' if run.reused else 'trained'}: validation ppl {run.metrics['evals'][-1]['ppl']:.1f}")
+    status = "reused" if run.reused else "trained"
+    print(f"{name:<16} {status}: validation {evaluate.describe(run.metrics['evals'][-1])}")
 
 # %% [markdown]
 # ## The plans

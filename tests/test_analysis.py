@@ -3,6 +3,7 @@ fronts, surrogate errors, training curves) on real solves and small hand-made re
 draw, their labels and legends, and the house style."""
 
 import functools
+import itertools
 import json
 import math
 
@@ -132,30 +133,53 @@ def test_plot_heatmap():
     ax = fig.axes[0]
     [image] = ax.get_images()
     data = image.get_array()
-    expected = np.log10(np.array([[1.0, 2.0, 4.0], [NAN, 0.5, 0.25], [NAN, 1e-3, 1e-2], [NAN] * 3]))
-    np.testing.assert_array_equal(data.mask, np.isnan(expected))  # zeros and unevaluated cells are masked
+    expected = np.log10(np.array([[1.0, 2.0, 4.0], [NAN, 0.5, 0.25], [NAN, 1e-3, 1e-2]]))
+    np.testing.assert_array_equal(data.mask, np.isnan(expected))  # the exact zeros are masked (grey)
     np.testing.assert_allclose(data.filled(NAN), expected, rtol=1e-15)
-    assert image.get_extent() == [0.5, 3.5, 3.5, -0.5]  # columns at layers 1..3, rows at k = 0..3 from the top
+    assert image.get_extent() == [0.5, 3.5, 2.5, -0.5]  # columns at layers 1..3, rows at k = 0..2 from the top
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("layer l", "iteration k")
-    assert "log10 relative residual" in fig.axes[1].get_ylabel()
+    assert fig.axes[1].get_ylabel() == "log10 relative residual (grey: exactly 0)"
     fig.canvas.draw()
     for ticks in (ax.get_xticks(), ax.get_yticks()):  # layers and iterations have no halves
         assert len(ticks) and all(float(t).is_integer() for t in ticks), ticks
     check_style(fig)
 
 
+def test_row_18_the_heatmap_has_no_empty_row_and_numbers_the_models_layers():
+    """Issue 26 row 18: the residual of the last iterate is not evaluated, which drew an all-grey row; a solve of
+    a model's last layers was numbered 1..n instead of the model's own layer numbers."""
+    fig = plot_heatmap(MADE, "residual", first_layer=6)  # the last 3 layers of an 8-layer model
+    ax = fig.axes[0]
+    data = ax.get_images()[0].get_array()
+    assert not data.mask.all(axis=1).any()  # every row drawn holds a value
+    assert ax.get_images()[0].get_extent() == [5.5, 8.5, 2.5, -0.5]
+    assert ax.get_xlabel() == "layer l (of the model)"
+    assert any("k=3" in t.get_text() and "not evaluated" in t.get_text() for t in ax.texts)  # the dropped row said
+    error = plot_heatmap(MADE, "error").axes[0].get_images()[0].get_array()
+    assert error.shape == (4, 3)  # the error of every iterate is known: no row is dropped
+
+
 def test_plot_prefix_front():
     fig = plot_prefix_front({"made": MADE, **runs()})
     [ax] = fig.axes
     guarantee, *fronts = ax.get_lines()
-    assert legend_labels(ax) == ["guaranteed: min(k, L)", "made", "idn", "newton"]
+    assert legend_labels(ax) == ["guaranteed: min(k, L) = made", "idn", "newton"]
     last = max(len(s.exact_prefix) for s in runs().values()) - 1
     np.testing.assert_array_equal(guarantee.get_ydata(), np.minimum(np.arange(last + 1), 12))
-    np.testing.assert_array_equal(fronts[0].get_ydata(), [0, 1, 2, 3])
+    np.testing.assert_array_equal(fronts[0].get_ydata(), [p for _, p in prefix_front(runs()["idn"])])
     assert ax.get_xlabel() == "iteration k"
     check_style(fig)
     past_depth = plot_prefix_front({"L=2": made_stats([[1.0, 1.0]] * 5)}).axes[0].get_lines()[0]
     np.testing.assert_array_equal(past_depth.get_ydata(), [0, 1, 2, 2, 2])  # the guarantee stops at L
+
+
+def test_row_18_coinciding_prefix_fronts_are_named_together():
+    """Issue 26 row 18: curves drawn over each other showed one colour with no note."""
+    ahead = made_stats([[1.0, 1.0, 1.0]] * 3, prefix=[0, 2, 3])
+    runs_ = {"a: Jacobi": MADE, "a: IDN": ahead, "b: Jacobi": MADE, "b: IDN": ahead}
+    [ax] = plot_prefix_front(runs_).axes
+    assert legend_labels(ax) == ["guaranteed: min(k, L) = a: Jacobi, b: Jacobi", "a: IDN, b: IDN (identical)"]
+    assert len(ax.get_lines()) == 2  # one line per distinct front
 
 
 # -- frontier ------------------------------------------------------------------------------------------------------
@@ -254,16 +278,81 @@ def test_plot_frontier():
     np.testing.assert_array_equal(base_front.get_xdata(), [1.0, 1.4, 1.8])
     offsets = [c.get_offsets() for c in ax.collections]
     assert sum(len(o) for o in offsets) == 5 + 2  # every measured point once: 5 of base (one unmeasured), 2 of reg
-    named = [t.get_text() for t in ax.texts[:-1]]  # the fronts' plans and the failed solves; then the note
-    assert sorted(named) == sorted(["IDN n4 K2 repeat", "IDN n4 K1 repeat", "IDN n4 K1 repeat"]
+    named = [t.get_text() for t in ax.texts[1:]]  # the note; then the fronts' plans and the failed solves
+    assert sorted(named) == sorted(["IDN n4 K2 repeat", "IDN n4 K1 repeat"]  # base's and reg's at one point: once
                                    + [p.name for p in points if not p.ok and p.measured]), named
-    assert "1 plan(s) without a measured speedup or quality not shown" in ax.texts[-1].get_text()
+    assert "1 plan(s) without a measured speedup or quality not shown" in ax.texts[0].get_text()
     assert ax.get_yscale() == "linear"  # 10 .. 40: within a factor 10
     assert ax.get_xlabel() == "speedup over sequential (x, baseline: sequential)"
     assert ax.get_ylabel() == "validation perplexity"
     check_style(fig)
     wide = plot_frontier([point("seq", 1.0, 10.0), point("a", 2.0, 500.0)]).axes[0]
     assert wide.get_yscale() == "log" and legend_labels(wide) == ["sequential (1.0x)", "plans", "Pareto front"]
+
+
+# Two models of the study (issue 26, row 19): names that one fixed offset overprinted ("Jacobi n4 K1 repeatIDN n8 K1
+# repeat"): the two models' "IDN n8 K1 repeat" at 1.21x and ppl 122 and 127, "Jacobi n4 K1 repeat" at 1.06x beside
+# "IDN n4 K1 repeat" at 1.05x, failed solves next to the fronts; the quality axis is a log one (up to 1306).
+CROWDED = [FrontierPoint(name, speedup, ppl, group, ok) for group, rows in {
+    "baseline": [("sequential", 1.0, 95.98, True), ("Jacobi n4 K1 repeat", 1.06, 125.97, True),
+                 ("IDN n4 K1 repeat", 1.05, 98.17, True), ("IDN n8 K1 repeat", 1.21, 126.63, True),
+                 ("IDN n4 K2 repeat", 0.79, 96.02, True), ("IDN n8 K2 repeat", 0.52, 96.1, True),
+                 ("Jacobi n8 K1 repeat", 1.22, 131.4, False), ("IDN n4 K1 one_step", 1.07, 101.2, False)],
+    "idn-regularized": [("sequential", 1.0, 95.93, True), ("IDN n4 K1 repeat", 1.04, 96.03, True),
+                        ("IDN n8 K1 repeat", 1.21, 122.59, True), ("Jacobi n4 K1 repeat", 1.05, 1305.9, True),
+                        ("IDN n4 K2 repeat", 0.8, 95.95, True), ("Jacobi n8 K1 repeat", 1.2, 118.0, False)],
+}.items() for name, speedup, ppl, ok in rows]
+
+
+def overprinted(fig) -> list[tuple[str, str]]:
+    """The pairs of the axes' texts and legend whose boxes overlap, as a saved or displayed figure draws them: each
+    text's box alone, without the leader line to its point."""
+    fig.draw_without_rendering()
+    [ax] = fig.axes
+    boxes = [(t.get_text(), matplotlib.text.Text.get_window_extent(t)) for t in ax.texts]
+    boxes.append(("the legend", ax.get_legend().get_window_extent()))
+    return [(a, b) for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2) if box_a.overlaps(box_b)]
+
+
+def front_and_failed(points) -> set[str]:
+    """The names plot_frontier writes on its figure: each group's front plans (but sequential) and failed solves."""
+    groups = {p.group for p in points}
+    front = {p.name for group in groups for p in pareto_front([p for p in points if p.group == group])}
+    return (front | {p.name for p in points if not p.ok}) - {"sequential"}
+
+
+def test_plot_frontier_names_do_not_collide():
+    """Every front plan and failed solve is named on the figure, and no two names, nor a name and the legend,
+    overprint."""
+    fig = plot_frontier(CROWDED, "validation perplexity")
+    [ax] = fig.axes
+    assert ax.get_yscale() == "log"
+    assert overprinted(fig) == []
+    names = [t.get_text() for t in ax.texts]
+    assert len(front_and_failed(CROWDED)) == 5 and set(names) == front_and_failed(CROWDED), names
+    # the two models' "IDN n8 K1 repeat" and "IDN n4 K1 repeat", a few points apart: one name each
+    assert names.count("IDN n8 K1 repeat") == names.count("IDN n4 K1 repeat") == 1
+    assert names.count("Jacobi n8 K1 repeat") == 2  # the two models' are far enough apart to be named apart
+    check_style(fig)
+
+
+def test_plot_frontier_numbers_names_with_no_room():
+    """Failed solves in a row, closer than their names are long: those that find no room go by a number at the
+    point, listed in the legend with their coordinates, and the legend moves out of the axes; names of one point
+    share one label."""
+    points = [point("sequential", 1.0, 10.0), point("IDN n4 K2 repeat", 1.5, 12.0),
+              point("Jacobi n4 K2 repeat", 1.5, 12.0), point("IDN n8 K1 repeat", 2.5, 20.0)]
+    points += [point(f"IDN n{i} K1 one_step", 1.5 + 0.05 * i, 15.0, ok=False) for i in range(5)]
+    fig = plot_frontier(points)
+    [ax] = fig.axes
+    assert overprinted(fig) == []
+    names, entries = [t.get_text() for t in ax.texts], legend_labels(ax)
+    listed = dict(entry.split(": ", 1) for entry in entries if entry[0].isdigit())  # number -> "name (x, y)"
+    assert listed and all(name in listed for name in names if name.isdigit()), (names, entries)
+    assert "IDN n4 K2 repeat / Jacobi n4 K2 repeat" in names
+    assert all(any(p.name in shown for shown in names + list(listed.values())) for p in points[1:]), (names, entries)
+    assert ax.get_legend().get_window_extent().x0 > ax.get_window_extent().x1  # out of the axes, on the right
+    check_style(fig)
 
 
 # -- surrogate error -----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The benchmark suite: rows, baselines, accuracy, the roofline's work model, and the table (no timing asserted)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -43,6 +44,9 @@ def test_the_tiny_preset_writes_json_and_tables(tmp_path, capsys):
     assert all(r["greedy_equal"] for r in speculative if r["temperature"] == 0)
     assert "speculative decoding: L4 D64, batch 1" in text and "speculative T1 IDN n2 K1 warm B2" in text
     assert (tmp_path / "speculation.png").stat().st_size > 1000
+    cases = {r["case"] for r in prefill + decode + speculative}  # row 21: the real run's legend, as below
+    legend = _assert_the_legend_explains_exactly_the_printed_columns(bench.table(results), cases)
+    assert "x compiled" not in legend and {"accept", "tok/rnd", "x seq"} <= set(legend)  # tiny: compile=False
 
 
 def test_the_work_model_counts_each_evaluation():
@@ -123,3 +127,101 @@ def test_graphed_decode_rows_name_both_baselines(tiny_model):
     assert all(r["compile_s"] > 0 for r in rows[2:]) and all("compile_s" not in r for r in rows[:2])
     assert all(set(r["speedup"]) == {"eager", "graphed"} for r in rows)
     assert rows[2]["speedup"]["graphed"] == 1.0
+
+
+def _timing(ms: float) -> dict:
+    return {"median_s": ms / 1e3, "min_s": ms / 1e3, "max_s": ms / 1e3}
+
+
+def _hand_made_results(compiled: bool, speculative: bool) -> dict:
+    """Suite results made by hand (no benchmark): a prefill and a decode table, with the compiled baselines as on
+    the GPU preset (`sequential compiled` and its column, compiled-blocks rows, graphed decoding and its column)
+    or without them as on the CPU, and with the speculative table or not."""
+    baselines = ["eager", "compiled"] if compiled else ["eager"]
+    prefill = [{"case": "sequential", **_timing(2), "top1_agreement": 1.0, "max_abs_logit_diff": 0.0}]
+    if compiled:
+        prefill.append({"case": "sequential compiled", **_timing(1), "compile_s": 3.0})
+    prefill += [{"case": "IDN n2 K1 repeat", **_timing(1.5), "top1_agreement": 0.9, "max_abs_logit_diff": 1e-3,
+                 "result": "COMPLETED"},
+                *([{"case": "IDN n2 K1 repeat compiled blocks", **_timing(1), "top1_agreement": 0.9,
+                    "max_abs_logit_diff": 1e-3, "result": "COMPLETED", "compile_s": 3.0}] if compiled else []),
+                {"case": "mHC sequential", **_timing(3), "top1_agreement": 1.0, "max_abs_logit_diff": 0.0},
+                {"case": "mHC HCN n2 K1 repeat", **_timing(4), "top1_agreement": 1.0, "max_abs_logit_diff": 1e-4,
+                 "result": "COMPLETED"}]
+    for row in prefill:
+        row["speedup"] = {b: None if row["case"].startswith("mHC") and b != "eager" else 1.0 for b in baselines}
+    decode = [{"case": f"decode b1 {name}{suffix}", **_timing(2), "token_agreement": 1.0,
+               "speedup": {"eager": 1.0, **({"graphed": 1.0} if compiled else {})},
+               **({"result": "COMPLETED"} if name != "sequential" else {})}
+              for suffix in ("", " graphed")[:1 + compiled] for name in ("sequential", "IDN n2 K1 warm")]
+    for row in prefill + decode:
+        row["bound_s"] = 1e-4
+    shape = {"shape": {"layers": 4, "width": 64, "tokens": 32}, "prefill": prefill, "decode": decode}
+    if speculative:
+        shape["speculative"] = [
+            {"case": f"speculative T{t:g} {plan}" + ("" if b is None else f" B{b}"), "plan": plan, "draft_len": b,
+             "temperature": t, **_timing(2), "tokens_per_s": 500.0, "speedup": 1.0,
+             "acceptance_rate": None if b is None else 0.5, "mean_accepted_length": None if b is None else 1.5,
+             "greedy_equal": True if t == 0 else None}
+            for t in (0.0, 1.0) for plan, b in (("sequential", None), ("IDN n2 K1 warm", 2))]
+    return {"device": "cpu", "dtype": "float32", "threads": 1, "torch": "x", "repeats": 1,
+            "rates": {"matmul_flops": 1e9, "copy_bytes": 1e9}, "shapes": [shape]}
+
+
+def _headers_and_legend(text: str, cases: set[str]) -> tuple[list[str], dict[str, str]]:
+    """The table's header lines, and its legend: the entries `key: explanation` (continuation lines indented) among
+    the lines that are neither the first (the machine), a table's title, its header nor one of its rows (a case)."""
+    headers, legend, key = [], {}, None
+    for line in text.splitlines()[1:]:
+        if not line.strip() or re.match(r"(prefill|decode): L\d|speculative decoding: L\d", line):
+            continue
+        if line.startswith("case "):
+            headers.append(line)
+        elif any(line.startswith(case + " ") for case in cases):
+            continue
+        elif line[0].isspace() and key is not None:
+            legend[key] += " " + line.strip()
+        else:
+            key, _, explanation = line.partition(": ")
+            legend[key] = explanation
+    return headers, legend
+
+
+def _assert_the_legend_explains_exactly_the_printed_columns(text: str, cases: set[str]) -> dict[str, str]:
+    headers, legend = _headers_and_legend(text, cases)
+    assert headers and legend
+
+    def token(key):  # a header as a whole: "x eager" is not in "x eager_", "ms" is not in "ms/tok"
+        return re.compile(rf"(?<!\S){re.escape(key)}(?!\S)")
+
+    for header in headers:  # every printed header text is some legend entry's key
+        rest = header
+        for key in sorted(legend, key=len, reverse=True):
+            rest = token(key).sub(" ", rest)
+        assert not rest.strip(), f"columns without a legend entry: {rest.split()} in {header!r}"
+    for key in legend:  # and every legend entry names a printed column
+        assert any(token(key).search(header) for header in headers), f"legend entry {key!r} names no printed column"
+        assert legend[key].strip(), f"legend entry {key!r} explains nothing"
+    return legend
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_row_21_the_legend_explains_exactly_the_printed_columns(compiled, speculative):
+    """Issue 26 row 21: the legend under `snlp bench`'s tables explains every column printed (the speculative
+    table's too) and no column that is not printed (x compiled without the compiled baseline)."""
+    results = _hand_made_results(compiled, speculative)
+    text = bench.table(results)
+    cases = {row["case"] for shape in results["shapes"] for kind in ("prefill", "decode", "speculative")
+             for row in shape.get(kind, [])}
+    legend = _assert_the_legend_explains_exactly_the_printed_columns(text, cases)
+    assert ("x compiled" in legend) is ("x graphed" in legend) is compiled
+    for note in ("`sequential compiled`", "`compiled blocks`", "`graphed`"):  # rows named only on the GPU preset
+        assert (note in legend["case"]) is compiled
+    spec = {"accept", "tok/rnd", "x seq", "tok/s", "= greedy"}
+    assert (spec <= set(legend)) is speculative and (spec & set(legend) == set()) is not speculative
+    explained = " ".join(legend.values())
+    if speculative:  # the speculative rows' names: the temperature, the draft length and the drafting plan's guess
+        assert all(part in legend["case"] for part in ("T<t>", "B<B>", "warm", "temperature", "draft length"))
+    else:
+        assert "draft" not in explained and "temperature" not in explained

@@ -3,12 +3,10 @@
 import json
 
 import pytest
-import torch
 
 import layersolve as ls
-from models import nanochat, snlp
-from models.tools import bench, claims, cli
-from models.tools.names import STRATEGIES, n_par_configs, plan_name, strategy
+from models.tools import claims, cli
+from models.tools.names import STRATEGIES, n_par_configs, strategy
 
 
 def test_toy_demo_writes_results(tmp_path, capsys):

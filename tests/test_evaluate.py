@@ -87,3 +87,13 @@ def test_the_row_reports_the_worst_result_over_batches(model, val, monkeypatch):
     monkeypatch.setattr(snlp, "forward", reporting)
     row = evaluate.plan_metrics(model, val, snlp.Plan(n_par=2))
     assert (row["result"], row["failed_batches"], row["batches"]) == ("MAX_ITERS", 1, 3)
+
+
+def test_row_20_every_perplexity_is_printed_with_its_token_count_and_context(model, val):
+    """Issue 26 row 20: one checkpoint gave three validation PPLs and no output said how many tokens each used."""
+    printed = []
+    rows = evaluate.grid(model, val, {"IDN n3 K1 repeat": snlp.Plan(n_par=3, iters=1)}, printed.append)
+    tokens = rows["sequential"]["quality"]["tokens"]
+    assert rows["sequential"]["quality"]["context"] == 16
+    assert f"ppl {rows['sequential']['quality']['ppl']:.3f} over {tokens:,} tokens at context 16" in printed[0]
+    assert f"over {tokens:,} text tokens in sequences of 16 (the context)" in evaluate.grid_table(rows)

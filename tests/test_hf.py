@@ -2,7 +2,6 @@
 decoded by the same Decoder as nanochat's; bad input named; `snlp eval --hf` end to end."""
 
 import json
-import warnings
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """The SNLP-aware regularizer against direct computations of the published forms (float64)."""
 
-import dataclasses
 
 import pytest
 import torch

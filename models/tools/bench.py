@@ -170,22 +170,117 @@ FAILED_NOTE = (f"{FAILED_MARK}: the solve did not end ok (diverged, non-finite, 
                "logits are not the model's, so its time is not the model's either")
 
 
+# What each column of the suite's tables means: the one source of the tables' headers and of the legend under
+# them, which explains exactly the columns printed (a header without an entry here is a KeyError, not a silent gap).
+COLUMNS = {
+    "case": "the row's computation; by table:",
+    "ms": "median over the repeats of the wall time of one forward over the T tokens (batch 1), in milliseconds.",
+    "ms/tok": "median over the repeats of the wall time of one generation (the prompt, then the new tokens, KV "
+              "caches) divided by the new tokens, in milliseconds per token.",
+    "spread": "the fastest and the slowest of the repeats, in the same unit.",
+    "x eager": "speedup over the eager sequential path: its median time over the row's (prefill: `sequential`, "
+               "the mHC rows `mHC sequential`; decode: `sequential` at the same batch).",
+    "x compiled": "speedup over `sequential compiled` (torch.compile of the whole model; CUDA graphs on GPU): its "
+                  "median time over the row's; - on the mHC rows, which have no compiled baseline.",
+    "x graphed": "speedup over graphed sequential decoding at the same batch (compiled blocks, static caches; CUDA "
+                 "graphs on GPU): its median time over the row's.",
+    "top-1 agr": "the fraction of the T positions whose argmax token is that of the sequential forward of the same "
+                 "model.",
+    "tok agr": "the fraction of the generated tokens (batch x new tokens, greedy) equal to eager sequential "
+               "decoding's at the same batch.",
+    "max|dlogit|": "the largest |logit difference| from that sequential forward, over the positions and the "
+                   "vocabulary (prefill only: blank on decode rows).",
+    "roofline": "the row's time bound over its measured time (100%: at the bound): max(matmul FLOPs / matmul rate, "
+                "bytes / copy rate), with the rates of the first line and suite.py's work model (per block "
+                "evaluation its matmuls, and bytes: the weights once and passes over the state, bench.json's "
+                "byte_model).",
+    "solve": "how the plan's solve ended (decode: the worst over the steps): COMPLETED: its K iterations done, no "
+             "tolerance set; CONVERGED: exact to rounding (K at least the segment's units); -: sequential, no "
+             "solve.",
+    "tok/s": "generated tokens per second: 1 / the median ms/tok.",
+    "accept": "acceptance rate: the drafted tokens the verifier accepted over the tokens drafted, pooled over the "
+              "repeats' rounds; blank for sequential decoding.",
+    "tok/rnd": "tokens committed per draft-verify round (the accepted drafts, plus the verifier's own token at a "
+               "rejection), pooled over the repeats' rounds: from 1 to B, B when every draft is accepted.",
+    "x seq": "speedup over sequential decoding at the same temperature: its median ms/tok over the row's.",
+    "= greedy": "at T0, yes if every repeat's tokens are sequential greedy decoding's (NO otherwise; lossless "
+                "speculation makes them equal); - when sampling, where only the distribution is the same.",
+}
+# The case column: how the rows are named, one note per table, and per kind of row that a table may lack (under
+# "case" in the legend, for the tables and rows printed; `_row_notes` says which apply).
+CASES = {
+    "prefill": "prefill: `sequential` is the model's own forward, the reference; a plan `[<c>xF<f>] <J> n<n> K<K> "
+               "<init>` solves the last n blocks in parallel with K Newton iterations and the Jacobian surrogate J "
+               "(IDN: identity; HCN: mHC's mixing), from the guess init (repeat: the segment's input state in every "
+               "block); <c>xF<f>: as c chunks of f fused blocks; `mHC`: on the mHC twin model.",
+    "sequential compiled": "`sequential compiled`: the forward under torch.compile (CUDA graphs on GPU), the x "
+                           "compiled baseline; no accuracy columns.",
+    "compiled blocks": "`compiled blocks`: on a copy whose blocks run compiled, the compile time apart; accuracy "
+                       "against that copy's sequential forward.",
+    "decode": "decode b<b> <plan>: greedy decoding of a batch of b prompts with that plan at every step (warm: "
+              "each step's solve starts from the previous token's final trace).",
+    "graphed": "`graphed`: with compiled blocks and static caches (CUDA graphs on GPU), the compile time apart.",
+    "speculative": "speculative T<t> <plan> B<B>: self-speculative decoding of one prompt at temperature t (T0: "
+                   "greedy; T1: sampling from the softmax at temperature 1): each round the plan drafts up to B "
+                   "tokens (B: the draft length) and the sequential forward verifies them; the plan's guess: repeat "
+                   "(the segment's input state) or warm (the previous token's final trace, after each round the "
+                   "verifier's exact one); `sequential`: sequential decoding at t, the x seq baseline.",
+}
+LEGEND_WIDTH = 118
+
+
+def _heading(columns: list[tuple[str, str]], printed: list[str]) -> str:
+    """A table's header line from (header, format spec) pairs, each header one of COLUMNS; an empty spec: an
+    unaligned last column, two spaces after the aligned ones. Appends the headers to `printed`, for the legend."""
+    for header, _ in columns:
+        if header not in COLUMNS:
+            raise KeyError(f"column {header!r} has no legend entry in COLUMNS")
+        if header not in printed:
+            printed.append(header)
+    return " ".join(f"{header:{spec}}" if spec else f" {header}" for header, spec in columns)
+
+
+def _row_notes(kind: str, rows: list[dict]) -> list[str]:
+    """The notes of CASES on the rows of a table of `kind`: the table's own, and those of the rows it has."""
+    names = [r["case"] for r in rows]
+    optional = {"prefill": {"sequential compiled": lambda n: n == f"{SEQUENTIAL} compiled",
+                            "compiled blocks": lambda n: n.endswith(" compiled blocks")},
+                "decode": {"graphed": lambda n: n.endswith(" graphed")}}.get(kind, {})
+    return [kind, *(note for note, has in optional.items() if any(map(has, names)))]
+
+
+def legend(headers: list[str], notes: list[str]) -> list[str]:
+    """The legend of the columns `headers` (as printed, in order), and under "case" the `notes` (keys of CASES) on
+    the row names: one entry `header: explanation` each, wrapped, continuation lines indented."""
+    import textwrap
+
+    lines = []
+    for header in headers:
+        lines += textwrap.wrap(f"{header}: {COLUMNS[header]}", LEGEND_WIDTH, subsequent_indent="    ")
+        if header == "case":
+            for note in notes:
+                lines += textwrap.wrap(CASES[note], LEGEND_WIDTH, initial_indent="  ", subsequent_indent="    ")
+    return lines
+
+
 def table(results: dict) -> str:
     """The suite's rows as text, a prefill and a decode table per shape, with each row's speedup over the baselines
     it names, its accuracy, its measured time over the roofline bound, and how its solve ended (marked when not
-    ok, with a note under the table)."""
+    ok, with a note under the table); then the speculative table, and a legend of exactly the columns printed."""
     lines = [f"{results['device']} ({results['dtype']}, {results['threads']} threads, torch {results['torch']}, "
              f"median of {results['repeats']}); matmul {results['rates']['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
              f"{results['rates']['copy_bytes'] / 1e9:.1f} GB/s"]
     any_failed = False
+    printed, notes = [], []  # the headers and the notes on the row names, each once, in the order printed
     for shape in results["shapes"]:
         s = shape["shape"]
         for kind, unit, accuracy in (("prefill", "ms", "top-1 agr"), ("decode", "ms/tok", "tok agr")):
             rows = shape[kind]
             baselines = list(rows[0]["speedup"])
-            lines += ["", f"{kind}: L{s['layers']} D{s['width']} T{s['tokens']}",
-                      f"{'case':<34} {unit:>8} {'spread':>15} " + " ".join(f"{'x ' + b:>10}" for b in baselines)
-                      + f" {accuracy:>9} {'max|dlogit|':>11} {'roofline':>8}  solve"]
+            columns = [("case", "<34"), (unit, ">8"), ("spread", ">15"), *((f"x {b}", ">10") for b in baselines),
+                       (accuracy, ">9"), ("max|dlogit|", ">11"), ("roofline", ">8"), ("solve", "")]
+            lines += ["", f"{kind}: L{s['layers']} D{s['width']} T{s['tokens']}", _heading(columns, printed)]
+            notes += [note for note in _row_notes(kind, rows) if note not in notes]
             for r in rows:
                 quality = r.get("top1_agreement", r.get("token_agreement"))
                 diff = r.get("max_abs_logit_diff")
@@ -197,21 +292,25 @@ def table(results: dict) -> str:
                     f" {r['bound_s'] / r['median_s'] if 'bound_s' in r else float('nan'):>7.0%}  {_outcome(r)}")
                 any_failed |= failed(r)
         if shape.get("speculative"):
-            lines += ["", f"speculative decoding: L{s['layers']} D{s['width']}, batch 1", *speculative_table(
-                shape["speculative"])]
+            lines += ["", f"speculative decoding: L{s['layers']} D{s['width']}, batch 1",
+                      *speculative_table(shape["speculative"])]
+            _heading(SPECULATIVE_COLUMNS, printed)
+            notes += ["speculative"] if "speculative" not in notes else []
+    lines += ["", *legend(printed, notes)]
     if any_failed:
         lines.append(FAILED_NOTE)
-    lines.append("x eager / x compiled: speedup over the eager / compiled sequential path; roofline: the row's "
-                 "time bound (FLOPs / matmul rate, bytes / copy rate) over its measured time")
     return "\n".join(lines)
+
+
+SPECULATIVE_COLUMNS = [("case", "<40"), ("ms/tok", ">8"), ("spread", ">15"), ("tok/s", ">8"), ("accept", ">7"),
+                       ("tok/rnd", ">7"), ("x seq", ">7"), ("= greedy", "")]
 
 
 def speculative_table(rows: list[dict]) -> list[str]:
     """Lines of speculative rows (speculation.speculative_rows): time per token, tokens/s, acceptance, tokens per
     round, speedup over sequential decoding at the same temperature, and at temperature 0 whether the tokens are
-    sequential greedy decoding's."""
-    lines = [f"{'case':<40} {'ms/tok':>8} {'spread':>15} {'tok/s':>8} {'accept':>7} {'tok/rnd':>7} {'x seq':>7}"
-             f"  = greedy"]
+    sequential greedy decoding's (the columns of SPECULATIVE_COLUMNS, explained in COLUMNS)."""
+    lines = [_heading(SPECULATIVE_COLUMNS, [])]
     for r in rows:
         accept, length, equal = r["acceptance_rate"], r["mean_accepted_length"], r["greedy_equal"]
         lines.append(f"{r['case']:<40} {r['median_s'] * 1e3:>8.2f} {r['min_s'] * 1e3:>7.2f}-{r['max_s'] * 1e3:<7.2f} "

@@ -14,18 +14,23 @@ import layersolve as ls
 
 from ..io import save_figure, write_atomic, write_json
 from . import planner, staged, suite
-from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, check_fits, check_out, device, given, model_flags,
-                    partners, recorded, reg_flags, resumed_flags, train_config)
+from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, HelpFormatter, check_fits, check_out, device, given,
+                    model_flags, partners, recorded, reg_flags, resumed_flags, temperature, train_config)
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
 from .speculation import compare
 from ..training.runs import default_cache
 
 CACHE = default_cache()  # tokenizers, tokenized corpora and the demo's trained runs: one place for every folder
 HF_CONTEXT = 256  # tokens per sequence of `eval --hf` by default
+# `snlp generate` samples by default; the library's generate (models.inference.decode) is greedy (temperature 0),
+# and the command's --help says so
+GEN_TEMPERATURE, GEN_TOP_K = 0.8, 50
+MAX_TIMEOUT = 7 * 24 * 3600  # seconds `generate --stages` may wait for a rank
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="snlp", description="Layer-parallel inference (SNLP) with layersolve.")
+    parser = argparse.ArgumentParser(prog="snlp", description="Layer-parallel inference (SNLP) with layersolve.",
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parser.commands = sub.choices  # each subcommand's own parser
 
@@ -95,12 +100,17 @@ def _parser() -> argparse.ArgumentParser:
 
     planner.add_parser(sub)
 
-    gen = sub.add_parser("generate", help="sample from a checkpoint, sequentially or with SNLP decoding")
+    gen = sub.add_parser("generate", help="sample from a checkpoint, sequentially or with SNLP decoding",
+                         description="Sample text from a checkpoint, sequentially or with SNLP decoding. The command "
+                                     f"samples (--temperature {GEN_TEMPERATURE}, --top-k {GEN_TOP_K}); the library's "
+                                     "models.inference.decode.generate is greedy by default (temperature=0.0): "
+                                     "--temperature 0 gives its tokens.")
     gen.add_argument("checkpoint", type=Path)
     gen.add_argument("--prompt", default="ROMEO.")
-    gen.add_argument("--max-new", type=COUNT, default=64)
-    gen.add_argument("--temperature", type=WEIGHT, default=0.8, help="0: greedy")
-    gen.add_argument("--top-k", type=COUNT, default=50, help="0: no cut")
+    gen.add_argument("--max-new", type=POSITIVE, default=64, help="new tokens")
+    gen.add_argument("--temperature", type=temperature, default=GEN_TEMPERATURE,
+                     help="sampling temperature; 0: greedy, the default of the library's generate")
+    gen.add_argument("--top-k", type=COUNT, default=GEN_TOP_K, help="sample among the k likeliest tokens; 0: no cut")
     gen.add_argument("--n-par", type=POSITIVE, help="SNLP decoding over this tail (default: sequential; with "
                                                "--speculative, half the layers)")
     gen.add_argument("--iters", type=POSITIVE, help="Newton iterations of the SNLP solve (default 2; with --speculative 1)")
@@ -131,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--train", action="store_true",
                        help="time training steps instead: plain vs the IDN regularizer in modes all / sample / "
                             "batched, on the tiny preset (configs L/4, L/2, 3L/4)")
+    for command in parser.commands.values():  # every default in --help, the subcommands of other modules' too
+        command.formatter_class = HelpFormatter
     return parser
 
 
@@ -178,8 +190,10 @@ def _demo(args) -> int:
 def _train(args) -> int:
     from .. import nanochat
     from ..inference import snlp
+    from ..training.evaluate import describe
     from ..training.loop import Data, Interrupted, train
 
+    check_out(args.out, directory=True)
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.resume:
@@ -212,7 +226,7 @@ def _train(args) -> int:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 speaks for the run
         return 0
     final = metrics["evals"][-1]
-    print(f"validation loss {final['loss']:.4f}, ppl {final['ppl']:.2f}, bpb {final['bpb']:.4f}; run in {args.out}")
+    print(f"validation loss {final['loss']:.4f}, bpb {final['bpb']:.4f}, {describe(final)}; run in {args.out}")
     if metrics["skipped_steps"]:
         print(f"{metrics['skipped_steps']} steps skipped: their SNLP solve did not end ok", file=sys.stderr)
     return 0
@@ -335,10 +349,17 @@ def _generate(args) -> int:
     def solved(a) -> bool:  # whether decoding solves anything in parallel
         return a.n_par is not None or a.speculative or a.stages is not None
 
+    if args.out is not None:
+        check_out(args.out)
     partners(args, {"strategy": (solved, "--n-par, --speculative or --stages"),
                     "iters": (solved, "--n-par, --speculative or --stages"),
-                    "draft_len": (lambda a: a.speculative, "--speculative")})
+                    "draft_len": (lambda a: a.speculative, "--speculative"),
+                    "timeout": (lambda a: a.stages is not None, "--stages"),
+                    "repeats": (lambda a: a.bench, "--stages P --bench"),
+                    "out": (lambda a: a.bench, "--stages P --bench")})
     args.strategy, args.draft_len = args.strategy or "idn", args.draft_len or 4
+    if args.timeout > MAX_TIMEOUT:  # a longer one overflows the process group's timedelta
+        raise ValueError(f"--timeout {args.timeout}: at most {MAX_TIMEOUT} seconds (a week)")
     if args.stages is not None:
         if args.start is not None:
             raise ValueError(f"--start {args.start}: a model split across processes is solved over its stages, not "

@@ -9,18 +9,24 @@ flags it was trained with in its checkpoints' meta, so that `snlp train --resume
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
 from .names import STRATEGIES, n_par_configs, strategy
 
 
+INT_MAX = 2**63 - 1  # the largest integer torch (a seed, a size, a count) takes without overflowing
+
+
 def bounded(kind: type, low: float, high: float | None = None) -> Callable[[str], int | float]:
-    """An argparse type: `kind` (int or float) parsed from the text, finite, and in [low, high]."""
+    """An argparse type: `kind` (int or float) parsed from the text, finite, and in [low, high]; an integer at most
+    INT_MAX."""
     noun = "an integer" if kind is int else "a number"
     allowed = f"{noun} >= {low}" if high is None else f"{noun} in [{low}, {high}]"
 
@@ -29,12 +35,47 @@ def bounded(kind: type, low: float, high: float | None = None) -> Callable[[str]
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+        if kind is int and value > INT_MAX:
+            raise argparse.ArgumentTypeError(f"must be {allowed} and at most 2**63 - 1, got {text!r}")
         if not math.isfinite(value) or value < low or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
         return value
 
     parse.__name__ = allowed  # what argparse would name the type in its own messages
     return parse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults formatter, every flag's default in `--help`: "(default: X)" after the help, also of a flag
+    without help text, unless the help states its default itself ("(default 3; ...)"); a flag whose default is
+    None or SUPPRESS, or a switch (store_true), shows none. Lists show as on the command line ("1 2 4")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not shows_default(action) or STATED_DEFAULT.search(text):
+            return text
+        return f"{text} (default: {default_text(action.default).replace('%', '%%')})".lstrip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and shows_default(action):  # argparse prints no help line for a flag without help
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+STATED_DEFAULT = re.compile(r"\(default\b|%\(default\)")  # a help text that says its default itself
+
+
+def shows_default(action: argparse.Action) -> bool:
+    """Whether `--help` shows the default of `action`: a value, not None / SUPPRESS, nor a switch's False."""
+    return (action.default is not None and action.default is not argparse.SUPPRESS
+            and not isinstance(action.default, bool) and action.help is not argparse.SUPPRESS
+            and (bool(action.option_strings) or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)))
+
+
+def default_text(value) -> str:
+    """A default as it would be typed: a list's items space-separated, a path as its text."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def device(text: str) -> str:
@@ -109,6 +150,17 @@ POSITIVE = bounded(int, 1)
 COUNT = bounded(int, 0)  # zero allowed: "none" or "only at the end", as each option's help says
 WEIGHT = bounded(float, 0.0)
 FRACTION = bounded(float, 0.0, 1.0)
+MIN_TEMPERATURE = 1e-6
+
+
+def temperature(text: str) -> float:
+    """An argparse type: a sampling temperature, 0 (greedy) or at least MIN_TEMPERATURE. One so small that 1 / T
+    overflows (5e-324) would make the probabilities NaN, and any below 1e-6 samples as greedily as 0 does."""
+    value = WEIGHT(text)
+    if 0 < value < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {text!r}")
+    return value
+
 
 HEAD_DIM = 64  # --width sizes heads of 64, as nanochat's small models
 RUN_FLAGS = "flags"  # the key of the training flags in a checkpoint's meta
@@ -139,7 +191,8 @@ def model_flags(p: argparse.ArgumentParser) -> None:
 
 def reg_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reg", choices=("none", *STRATEGIES), default="none",
-                   help="SNLP-aware regularization surrogate: idn, scaled, hcn (mHC), diagonal (Hutchinson)")
+                   help="SNLP-aware regularization surrogate: jacobi, idn, scaled, hcn (mHC), diagonal (Hutchinson); "
+                        "none: no regularizer")
     p.add_argument("--reg-lambda", type=WEIGHT, default=1.0, help="weight of the regularizer (default 1)")
     p.add_argument("--n-par-configs", type=POSITIVE, nargs="+", help="tail lengths (default: L/4, L/2, 3L/4)")
     p.add_argument("--reg-stride", type=COUNT, default=1,

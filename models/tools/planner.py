@@ -155,7 +155,7 @@ def segment_text(row: dict) -> str:
 def table(results: dict) -> str:
     """The ranked rows as text, the recommendation under them."""
     budget = results["budget"]
-    lines = [f"sequential PPL {results['sequential']['ppl']:.3f}; budget {budget:.1%} PPL gap",
+    lines = [f"sequential {evaluate.describe(results['sequential'])}; budget {budget:.1%} PPL gap",
              f"{'':2}{'layers':<13} {'n':>3} {'strategy':<8} {'K':>2} {'ppl':>10} {'ppl gap':>9} {'top-1':>6} "
              f"{'speedup':>8} {'update':>7}  solve"]
     for r in results["rows"]:

@@ -31,12 +31,10 @@ CONVERGENCE = {"Jacobi": ls.Zero(), "IDN": ls.Identity()}  # the strategies of t
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """timing_repeats: timed calls per plan (median). convergence_batch: validation sequences of the
-    convergence solves."""
+    """timing_repeats: timed calls per plan (median), after timing_warmup calls."""
 
     timing_repeats: int = 7
     timing_warmup: int = 2
-    convergence_batch: int = 2
 
 
 def iteration_counts(n_par: int) -> list[int]:
@@ -55,15 +53,19 @@ def study_plans(config: GPTConfig) -> dict[str, snlp.Plan]:
     return {plan_name(p): p for p in plans}
 
 
-def convergence(model: GPT, x: torch.Tensor) -> dict[str, ls.Stats]:
-    """Each strategy's solve of the last n = L/2 layers for n iterations, against the sequential trace."""
+@torch.no_grad()
+def convergence(model: GPT, validation: Validation) -> dict[str, ls.Stats]:
+    """Each strategy's solve of the last n = L/2 layers for n iterations, against the sequential trace, on the
+    grid's validation batches: the worst over them (`ls.Stats.worst`). Its iterate k is the grid's K = k plan, so
+    the figures, the claims and the grid's max layer err are one set of numbers."""
     half = max(1, model.config.n_layer // 2)
+    device = model.lm_head.weight.device
     runs = {}
     for label, jacobian in CONVERGENCE.items():
         plan = snlp.Plan(n_par=half, jacobian=jacobian, iters=half)
-        _, exact = snlp.sequential_trace(model, x, plan)
-        with torch.no_grad():
-            runs[label] = snlp.forward(model, x, plan, throw=False, reference=exact).stats
+        per_batch = [snlp.forward(model, x, plan, throw=False, reference=snlp.sequential_trace(model, x, plan)[1])
+                     for x, _ in validation.batches(device)]
+        runs[label] = ls.Stats.worst(out.stats for out in per_batch)
     return runs
 
 
@@ -79,7 +81,8 @@ def run(models: Mapping[str, GPT], validation: Validation, out_dir: str | Path, 
     out_dir = Path(out_dir)
     x, _ = next(iter(validation.batches()))
     results = {"about": about or {}, "environment": environment(x.device), "context": validation.seq_len,
-               "tokens": validation.max_tokens, "baseline": baseline, "models": {}}
+               "tokens": validation.max_tokens, "sequences": sum(len(x) for x, _ in validation.batches()),
+               "baseline": baseline, "models": {}}
     stats = {}
     for label, model in models.items():
         model.eval()
@@ -87,7 +90,7 @@ def run(models: Mapping[str, GPT], validation: Validation, out_dir: str | Path, 
         progress(f"== {label}: evaluation grid ({len(plans)} plans)")
         rows = grid(model, validation, plans, progress)
         progress(f"== {label}: convergence and speed")
-        stats[label] = convergence(model, x[:cfg.convergence_batch])
+        stats[label] = convergence(model, validation)
         results["models"][label] = {
             "n_layer": model.config.n_layer, "n_par": max(1, model.config.n_layer // 2), "grid": rows,
             "convergence": {k: analysis.convergence_record(s) for k, s in stats[label].items()},
@@ -106,19 +109,28 @@ def write_figures(results: dict, stats: Mapping[str, Mapping[str, ls.Stats]], tr
                   out_dir: Path) -> dict[str, str]:
     """The report's figures as PNG files in out_dir: {file name: what it shows}."""
     runs = {f"{model}: {label}": s for model, per in stats.items() for label, s in per.items()}
+    over = f"worst over the grid's {results['sequences']} validation sequences"
     figures = {
-        "convergence.png": analysis.plot_convergence(runs, title="last-half solve vs the sequential trace"),
+        "convergence.png": analysis.plot_convergence(runs, title=f"last-half solve vs the sequential trace ({over})"),
         "frontier.png": analysis.plot_frontier(frontier(results), "validation perplexity", baseline="eager sequential"),
-        "prefix.png": analysis.plot_prefix_front(runs),
+        "prefix.png": analysis.plot_prefix_front(runs, title=f"exact prefix of the last-half solve ({over})"),
     }
     for model, per in stats.items():
-        figures[f"heatmap-{model}.png"] = analysis.plot_heatmap(per["IDN"], "residual",
-                                                               title=f"{model}: IDN residual per layer and iteration")
+        n_layer = results["models"][model]["n_layer"]
+        figures[f"heatmap-{model}.png"] = analysis.plot_heatmap(
+            per["IDN"], "residual", title=f"{model}: IDN residual per layer and iteration ({over})",
+            first_layer=n_layer - per["IDN"].num_layers + 1)
     if training:
         figures["training.png"] = analysis.plot_training(training)
     for file, fig in figures.items():
         save_figure(fig, out_dir / file)
     return {file: file for file in figures}
+
+
+def _validation_text(results: dict) -> str:
+    quality = next(iter(results["models"].values()))["grid"]["sequential"]["quality"]
+    return (f"Perplexities are over {quality['tokens']:,} validation text tokens in {results['sequences']} sequences "
+            f"of {quality['context']} tokens (the context).")
 
 
 def frontier(results: dict) -> list:
@@ -132,7 +144,7 @@ def frontier(results: dict) -> list:
 
 def summary(results: dict) -> str:
     """The printed summary: each claim's verdict and our figure, then each model's grid."""
-    lines = ["claims of the paper against this run:"]
+    lines = [_validation_text(results), "", "claims of the paper against this run:"]
     for row in results["claims"]:
         lines += [f"  [{claims_table.verdict(row['agrees'])}] {row['claim']}", f"      ours: {row['ours']}"]
     for label, model in results["models"].items():
@@ -144,11 +156,11 @@ def report(results: dict) -> str:
     """report.md: the claims table first, then each model's grid and the figures."""
     env = results["environment"]
     lines = ["# SNLP study", "", f"Measured on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
-             f"code at commit {env['commit'] or 'unknown (not a git checkout)'}.", "",
+             f"code at commit {env['commit'] or 'unknown (not a git checkout)'}. {_validation_text(results)}", "",
              claims_table.table(results["claims"]), ""]
     for name, model in results["models"].items():
         speed = model["speed"]
-        lines += [f"## {name} ({model['n_layer']} layers, tail n = {model['n_par']})", "", "```",
+        lines += [f"## {name} ({model['n_layer']} layers; a plan solves its last n layers, nN in its name)", "", "```",
                   grid_table(model["grid"], speed), "```", "", f"Measured speed (baseline: {speed['baseline']}):", "",
                   "```"]
         lines += [f"{plan:<28} {row['median_s'] * 1e3:8.2f} ms  {row['speedup']:5.2f}x"

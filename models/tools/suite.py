@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch

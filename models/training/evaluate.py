@@ -63,11 +63,18 @@ class TextSums:
     def __add__(self, other: "TextSums") -> "TextSums":
         return TextSums(self.nats + other.nats, self.tokens + other.tokens, self.nbytes + other.nbytes)
 
-    def quality(self) -> dict:
-        """Loss (nats per text token), perplexity, and bits per byte (nats / (ln 2 * bytes))."""
+    def quality(self, context: int) -> dict:
+        """Loss (nats per text token), perplexity, and bits per byte (nats / (ln 2 * bytes)), with the text tokens
+        they count and the context (tokens per sequence) those were read in: a perplexity depends on both."""
         loss = self.nats / max(self.tokens, 1)
         return {"loss": loss, "ppl": math.exp(loss), "bpb": self.nats / (math.log(2) * max(self.nbytes, 1)),
-                "tokens": self.tokens}
+                "tokens": self.tokens, "context": context}
+
+
+def describe(quality: dict) -> str:
+    """A perplexity as every command prints it: with its token count and context, so that two of them can be
+    compared (the same model reads lower at a longer context, and a few tokens make a noisy figure)."""
+    return f"ppl {quality['ppl']:.3f} over {quality['tokens']:,} tokens at context {quality['context']}"
 
 
 def unigram_loss(train: TokenStream, val: Validation) -> float:
@@ -94,7 +101,7 @@ def plan_metrics(model: GPT, val: Validation, plan: snlp.Plan | None) -> dict:
     measured once, by the benchmarks' method (`models.tools.bench.speedups`), for every table that shows it."""
     device = model.lm_head.weight.device
     sums, positions, agree, cosine = TextSums(), 0, 0.0, 0.0
-    layer_error, results = None, []
+    results, stats = [], []
     for x, y in val.batches(device):
         reference = model(x)
         if plan is None:
@@ -104,19 +111,18 @@ def plan_metrics(model: GPT, val: Validation, plan: snlp.Plan | None) -> dict:
             out = snlp.forward(model, x, plan, throw=False, reference=exact)
             logits = out.logits
             results.append(out.result)
-            errors = out.stats.error[-1]
-            layer_error = errors if layer_error is None else torch.maximum(layer_error, errors)
+            stats.append(out.stats)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")  # logits: >= float32
         sums = sums + TextSums.of(losses, y.flatten(), val)
         positions += y.numel()
         agree += float((logits.argmax(-1) == reference.argmax(-1)).sum())
         cosine += float(F.cosine_similarity(logits, reference, dim=-1).sum())
-    row = {"quality": sums.quality(), "top1_agreement": agree / positions, "mean_cosine": cosine / positions}
+    row = {"quality": sums.quality(val.seq_len), "top1_agreement": agree / positions, "mean_cosine": cosine / positions}
     if plan is not None:
         row["result"] = ls.Result.worst(results).name
         row["failed_batches"] = sum(not r.ok for r in results)
         row["batches"] = len(results)
-        row["layer_error"] = [float(e) for e in layer_error]
+        row["layer_error"] = ls.Stats.worst(stats).error[-1].tolist()
     return row
 
 
@@ -131,7 +137,7 @@ def grid(model: GPT, val: Validation, plans: Mapping[str, snlp.Plan],
          progress: Callable[[str], None] = print) -> dict:
     """Sequential quality, then every plan's cell, keyed by the plans' names (the caller names them)."""
     rows = {"sequential": plan_metrics(model, val, None)}
-    progress(f"[0/{len(plans)}] sequential: ppl {rows['sequential']['quality']['ppl']:.3f}")
+    progress(f"[0/{len(plans)}] sequential: {describe(rows['sequential']['quality'])}")
     for i, (name, plan) in enumerate(plans.items(), start=1):
         rows[name] = plan_metrics(model, val, plan)
         progress(f"[{i}/{len(plans)}] {name}: ppl {rows[name]['quality']['ppl']:.3f}, "
@@ -152,20 +158,23 @@ def grid_table(rows: dict, speed: dict | None = None) -> str:
         ppl = f"{ppl:>9.3f}" if ppl < 1e5 else f"{ppl:>9.3g}"  # a diverged plan's PPL keeps the column's width
         lines.append(f"{name:<{width}} {ppl} {r['quality']['bpb']:>7.4f} "
                      f"{r['top1_agreement']:>7.3f} {r['mean_cosine']:>7.4f} {err:>14.2e}{timing}  {_outcome(r)}")
-    lines += ["", *legend(speed)]
+    lines += ["", *legend(rows, speed)]
     if any(r.get("failed_batches") for r in rows.values()):
         lines.append(f"{FAILED_MARK}: the solve did not end ok (diverged, non-finite or short of its tolerance) on "
                      "that many batches, whose logits are not the model's: the row is not the plan's quality")
     return "\n".join(lines)
 
 
-def legend(speed: dict | None) -> list[str]:
-    """What each column of `grid_table` measures."""
-    lines = ["ppl, bpb: validation perplexity and bits per byte of the plan's logits. top-1, cosine: agreement of its "
+def legend(rows: dict, speed: dict | None) -> list[str]:
+    """What each column of `grid_table` measures (K0 explained only where a K0 plan is shown)."""
+    quality = rows["sequential"]["quality"]
+    guess = " K0: the initial guess only, no iteration." if any(" K0" in name for name in rows) else ""
+    lines = [f"ppl, bpb: validation perplexity and bits per byte of the plan's logits, over {quality['tokens']:,} "
+             f"text tokens in sequences of {quality['context']} (the context). top-1, cosine: agreement of its "
              "logits with the sequential forward's (argmax, cosine), over every position.",
-             "max layer err: the largest relative error ||h_l - h_l*|| / ||h_l*|| of the tail's final iterate against "
-             "the sequential trace, over its layers and the batches. K0: the initial guess only, no iteration.",
-             "solve: how the tail's solve ended (COMPLETED: K iterations done; CONVERGED: exact to rounding)."]
+             "max layer err: the largest relative error ||h_l - h_l*|| / ||h_l*|| of the solved layers' final "
+             f"iterate against the sequential trace, over those layers and the batches.{guess}",
+             "solve: how the solve ended (COMPLETED: K iterations done; CONVERGED: exact to rounding)."]
     if speed:
         lines.append(f"speedup: the median time of the {speed['baseline']} over the plan's, {speed['repeats']} "
                      "calls each, interleaved, after warm-up (the method of `snlp bench`).")
