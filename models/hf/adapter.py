@@ -15,6 +15,7 @@ norm, the LM head, and Gemma's final logit softcap. The masks and rotary tables 
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ def check_supported(kind: str, where: str = "", what: str = "") -> None:
 class HFModel(nn.Module):
     """A supported `transformers` causal LM as a layer system's model. `parallel`: "vmap" (layers stacked and
     evaluated in one batched call; falls back to "loop" where vmap refuses the layer) or "loop". The stacked
-    weights are a copy taken here: build a new HFModel after the model's weights change."""
+    parameters follow the weights (layers.py): an optimizer step or a load is seen at the next forward."""
 
     def __init__(self, lm: nn.Module, parallel: str = "vmap"):
         super().__init__()
@@ -112,7 +113,17 @@ class HFModel(nn.Module):
         self.rotary_types = list(types) if self._rotary_by_type else ["default"] * L
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
 
+    def __deepcopy__(self, memo) -> "HFModel":
+        """A copy with its own weights (a teacher and its student: `snlp adapt`), built anew around a copy of the
+        transformers model, as the layers' evaluator holds functions that do not copy."""
+        return HFModel(copy.deepcopy(self.lm, memo), self.layers.parallel)
+
     # -- the surface snlp, the Decoder and the evaluation read -----------------------------------------------------
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers, block l = f_(l+1): what a segment's training touches."""
+        return self.lm.model.layers
 
     backout_layer = 0  # nanochat's backout state; these models have none, and `head` ignores it
 
@@ -143,6 +154,7 @@ class HFModel(nn.Module):
     def embed(self, idx: Tensor, position: int = 0, previous=None) -> Embedded:
         """h_0 (B, T, D) and, for tokens at positions position .., the masks and rotary tables every layer uses."""
         self.check_tokens(idx, position)
+        self.layers.refresh()  # the weights may have changed since the last forward (an optimizer step)
         return self.embedded(self.lm.model.embed_tokens(idx), position)  # x0 (B, T, D)
 
     def embedded(self, x0: Tensor, position: int) -> Embedded:

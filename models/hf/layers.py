@@ -10,6 +10,9 @@ A decoder layer of the supported families (Llama, Mistral, Qwen2, Qwen3, Gemma2,
           layer waits for another's output), only not batched.
 
 `vmap` is the default and falls back to `loop` for good, with a warning, the first time vmap refuses the layer.
+Its stacked parameters follow the weights as nanochat's do (`Prepared`): with grad enabled and the layers
+trainable, stacked afresh at every call, so the gradient reaches them (`snlp adapt`); else stacked once and kept
+until an optimizer step or a load changes a parameter.
 
 Attention reads and writes keys and values through the `cache` argument, `cache.update(k, v, layer_idx, ...)`
 (every supported layer calls it right after the rotary embedding). `_Recorder` plays that cache: it returns the
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..nanochat.prepared import Prepared
 
 Tensor = torch.Tensor
 
@@ -85,11 +90,29 @@ class Layers:
             if len(shapes) > 1 or any(True for m in self.modules for _ in m.buffers()):
                 self._fall_back("the layers do not share one parameter structure")
             else:
-                with torch.no_grad():  # a copy, for inference: build new Layers after the weights change
-                    self.stacked = {n: torch.stack([dict(m.named_parameters())[n] for m in self.modules])
-                                    for n, _ in self.modules[0].named_parameters()}
+                self.prepared = Prepared()
                 self.base = copy.deepcopy(self.modules[0]).to("meta")
                 self._batched = torch.func.vmap(self._call_base)
+
+    def refresh(self) -> None:
+        """Forget the stacked parameters if any layer's changed since the last call (once per forward)."""
+        if self.parallel == "vmap":
+            self.prepared.refresh(p for m in self.modules for p in m.parameters())
+
+    def _stack(self, layers: list[nn.Module]) -> dict[str, Tensor]:
+        """The layers' parameters stacked on a leading dim, by name."""
+        params = [dict(m.named_parameters()) for m in layers]
+        return {name: torch.stack([p[name] for p in params]) for name in params[0]}
+
+    def stacked(self, first: int, n: int) -> dict[str, Tensor]:
+        """The parameters of layers first .. first + n - 1, stacked: afresh, carrying the gradient, where grad is
+        enabled and one of them trains; else views of one stack of every layer, kept while the weights stay."""
+        layers = self.modules[first:first + n]
+        if torch.is_grad_enabled() and any(p.requires_grad for m in layers for p in m.parameters()):
+            return self._stack(layers)
+        with torch.no_grad():
+            every = self.prepared.get("layers", lambda: self._stack(self.modules))
+        return {name: t[first:first + n] for name, t in every.items()}
 
     def _fall_back(self, reason: str) -> None:
         warnings.warn(f"decoder layers evaluated one by one (parallel='loop'), not under vmap: {reason}",
@@ -111,7 +134,7 @@ class Layers:
         n = inputs.shape[0]
         past = () if extra.past_k is None else (extra.past_k, extra.past_v)
         if batched and self.parallel == "vmap":
-            params = {name: t[first:first + n] for name, t in self.stacked.items()}
+            params = self.stacked(first, n)
             try:
                 with warnings.catch_warnings():
                     # On the CPU, vmap runs the fused SDPA kernel per layer (no batching rule): measured as fast

@@ -277,6 +277,11 @@ class GPT(nn.Module):
 
     # -- the blocks: h_l = f_l(h_{l-1}) ---------------------------------------------------------------------------
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The blocks as modules, block l = f_(l+1): what a segment's training touches."""
+        return self.transformer.h
+
     def _parameter_list(self) -> tuple[torch.Tensor, ...]:
         """The parameters, listed once: walking the module tree at every decoding step costs more than a layer."""
         if getattr(self, "_parameters_listed", None) is None:

@@ -13,7 +13,7 @@ import torch
 import layersolve as ls
 
 from ..io import save_figure, write_atomic, write_json
-from . import planner, staged, suite
+from . import adapt, planner, staged, suite
 from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, HelpFormatter, check_fits, check_out, device, given,
                     model_flags, partners, recorded, reg_flags, resumed_flags, temperature, train_config)
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                                                 "<checkpoint>/study)")
 
     planner.add_parser(sub)
+    adapt.add_parser(sub)
 
     gen = sub.add_parser("generate", help="sample from a checkpoint, sequentially or with SNLP decoding",
                          description="Sample text from a checkpoint, sequentially or with SNLP decoding. The command "
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     # without its partner is refused
     args.given = given(parser.commands[args.command], argv[argv.index(args.command) + 1:])
     try:
-        code = {"demo": _demo, "train": _train, "eval": _eval, "plan": _plan, "study": _study,
+        code = {"demo": _demo, "train": _train, "eval": _eval, "plan": _plan, "adapt": _adapt, "study": _study,
                 "generate": _generate, "bench": _bench}[args.command](args)
         sys.stdout.flush()  # a closed pipe fails here, in the handler below, not in Python's flush at exit
         return code
@@ -299,6 +300,19 @@ def _plan(args) -> int:
     model, source, val = _model_and_validation(args, lambda m: min(planner.CONTEXT, m.config.sequence_len),
                                                "plan.json")
     return planner.run(args, model, source, val)
+
+
+def _adapt(args) -> int:
+    if (args.checkpoint is None) == (args.hf is None):
+        raise ValueError("give a run directory or --hf DIR" + ("" if args.hf is None else ", not both"))
+    adapt.check_output(args)
+    if args.hf is not None:
+        from .. import hf
+
+        model, tokenizer = hf.load(args.hf, dtype=torch.float32)  # trained in float32 whatever it is stored in
+    else:
+        model, tokenizer = _load_run(args.checkpoint)
+    return adapt.run(args, model, tokenizer, args.checkpoint or args.hf)
 
 
 def _validation(args, model, tokenizer):

@@ -20,6 +20,7 @@ import layersolve as ls
 
 from ..inference import snlp
 from ..inference.decode import generate
+from ..nanochat.block import at_least_float32
 from ..nanochat.gpt import GPT
 from .data import TokenStream
 
@@ -77,6 +78,12 @@ def describe(quality: dict) -> str:
     return f"ppl {quality['ppl']:.3f} over {quality['tokens']:,} tokens at context {quality['context']}"
 
 
+def kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p || q), p = softmax(target), q = softmax(logits), in at least float32."""
+    logp = torch.log_softmax(at_least_float32(target), dim=-1)
+    return (logp.exp() * (logp - torch.log_softmax(at_least_float32(logits), dim=-1))).sum(-1).mean()
+
+
 def unigram_loss(train: TokenStream, val: Validation) -> float:
     """Cross-entropy (nats per text token) on the validation batches' text targets of the train stream's token
     frequencies (add-one smoothed): the baseline a language model must beat."""
@@ -94,18 +101,21 @@ def sequential_metrics(model: GPT, val: Validation) -> dict:
 
 
 @torch.no_grad()
-def plan_metrics(model: GPT, val: Validation, plan: snlp.Plan | None) -> dict:
-    """One cell of the grid: quality of the plan's logits, their agreement with the sequential logits (over every
-    position), the tail's per-layer relative error of the final iterate (max over batches), and how its solves
-    ended (the worst result over batches, and how many batches did not end ok). No timing: a plan's speed is
-    measured once, by the benchmarks' method (`models.tools.bench.speedups`), for every table that shows it."""
+def plan_metrics(model: GPT, val: Validation, plan: snlp.Plan | None, reference: GPT | None = None) -> dict:
+    """One cell of the grid: quality of the plan's logits (plan None: the sequential forward's), their agreement
+    with the sequential logits of `reference` (default the model itself; the original, for an adapted model) over
+    every position: top-1, cosine and KL(reference || plan); the segment's per-layer relative error of the final
+    iterate (max over batches), and how its solves ended (the worst result over batches, and how many batches did
+    not end ok). No timing: a plan's speed is measured once, by the benchmarks' method
+    (`models.tools.bench.speedups`), for every table that shows it."""
     device = model.lm_head.weight.device
-    sums, positions, agree, cosine = TextSums(), 0, 0.0, 0.0
+    sums, positions, agree, cosine, divergence = TextSums(), 0, 0.0, 0.0, 0.0
     results, stats = [], []
+    reference = model if reference is None else reference
     for x, y in val.batches(device):
-        reference = model(x)
+        reference_logits = reference(x)
         if plan is None:
-            logits = reference
+            logits = reference_logits if reference is model else model(x)
         else:
             _, exact = snlp.sequential_trace(model, x, plan)
             out = snlp.forward(model, x, plan, throw=False, reference=exact)
@@ -115,9 +125,11 @@ def plan_metrics(model: GPT, val: Validation, plan: snlp.Plan | None) -> dict:
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")  # logits: >= float32
         sums = sums + TextSums.of(losses, y.flatten(), val)
         positions += y.numel()
-        agree += float((logits.argmax(-1) == reference.argmax(-1)).sum())
-        cosine += float(F.cosine_similarity(logits, reference, dim=-1).sum())
-    row = {"quality": sums.quality(val.seq_len), "top1_agreement": agree / positions, "mean_cosine": cosine / positions}
+        agree += float((logits.argmax(-1) == reference_logits.argmax(-1)).sum())
+        cosine += float(F.cosine_similarity(logits, reference_logits, dim=-1).sum())
+        divergence += float(kl(reference_logits, logits)) * y.numel()
+    row = {"quality": sums.quality(val.seq_len), "top1_agreement": agree / positions, "mean_cosine": cosine / positions,
+           "kl": divergence / positions}
     if plan is not None:
         row["result"] = ls.Result.worst(results).name
         row["failed_batches"] = sum(not r.ok for r in results)
