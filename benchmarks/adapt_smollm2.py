@@ -26,6 +26,7 @@ from models.tools.cli import _parser
 from models.tools.names import plan_name
 from models.training import evaluate
 from models.training.adapt import adapt, describe
+from models.training.runs import default_cache
 
 COMMON = ["--batch-size", "4", "--context", "128", "--eval-tokens", "2048", "--save-every", "25"]
 RUNS = {"14-21 IDN K1": ["--start", "14", "--n-par", "8", "--iters", "1", "--steps", "100"],
@@ -66,7 +67,7 @@ def main() -> None:
     model, tokenizer = hf.load(directory, dtype=torch.float32)
     parser = _parser().commands["adapt"]
     first = parser.parse_args(["--hf", str(directory), "--out", "unused", *COMMON, *next(iter(RUNS.values()))])
-    train, texts = command.texts(first, model, tokenizer, torch.device("cpu"))
+    train, texts = command.texts(first, model, tokenizer, torch.device("cpu"), default_cache())
     results = {"environment": environment(torch.device("cpu")), "runs": {}, "frontier": {}}
     results["frontier"]["original"] = frontier(model, model, texts)
     for name, flags in RUNS.items():

@@ -242,9 +242,12 @@ ZERO = {  # 0 means something ("none", "at the end only", "greedy", block 0, a s
     ("eval", "--step"), ("eval", "--start"), ("eval", "--iters"), ("eval", "--ar-prompts"),
     ("plan", "--step"), ("plan", "--budget"), ("plan", "--per-length"),
     ("generate", "--temperature"), ("generate", "--top-k"), ("generate", "--start"), ("generate", "--seed"),
-    ("bench", "--start")}
+    ("bench", "--start"),
+    ("adapt", "--start"), ("adapt", "--lora-rank"), ("adapt", "--seed"), ("adapt", "--kl-parallel"),
+    ("adapt", "--kl-sequential"), ("adapt", "--gap")}
 FRACTIONAL = {("demo", "--reg-lambda"), ("train", "--reg-lambda"), ("train", "--reg-warmup"), ("plan", "--budget"),
-              ("generate", "--temperature")}
+              ("generate", "--temperature"), ("adapt", "--lr"), ("adapt", "--kl-parallel"), ("adapt", "--kl-sequential"),
+              ("adapt", "--gap")}
 AT_MOST_ONE = {("train", "--reg-warmup")}  # a fraction of the training
 # refused by every numeric flag: not a number, not finite, negative, an overflow
 BAD = ["abc", "", " ", "nan", "-nan", "inf", "-inf", "1e309", "-1e309", "-1", "-0.5", "1,5"]

@@ -30,7 +30,7 @@ def shared_cache(tmp_path_factory):
 
 def test_there_are_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["01_convergence.py", "02_frontier.py", "03_hyperconnections.py",
-                                          "04_your_model.py", "05_off_the_shelf.py"]
+                                          "04_your_model.py", "05_off_the_shelf.py", "06_adapt.py"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -13,7 +13,7 @@ import torch
 
 from ..io import write_atomic, write_json
 from ..training import evaluate
-from .flags import COUNT, POSITIVE, WEIGHT
+from .flags import COUNT, POSITIVE, WEIGHT, bounded
 from .names import STRATEGIES, plan_name, strategy
 
 RECORD = "adapt.json"
@@ -27,9 +27,9 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", type=Path, nargs="?", help="a nanochat run directory (model_*.pt, meta_*.json, "
                                                             "tokenizer/)")
     p.add_argument("--hf", type=Path, metavar="DIR", help="instead: a local Hugging Face model directory")
-    p.add_argument("--out", type=Path, required=True,
-                   help="output directory: a Hugging Face model directory (--hf) or a run folder, and adapt.json")
-    p.add_argument("--n-par", type=POSITIVE, required=True, help="the segment's length n (`snlp plan` finds one)")
+    p.add_argument("--out", type=Path,
+                   help="output directory (needed): a Hugging Face model directory (--hf) or a run folder, and adapt.json")
+    p.add_argument("--n-par", type=POSITIVE, help="the segment's length n (needed; `snlp plan` finds one)")
     p.add_argument("--start", type=COUNT, metavar="S", help="the segment's first block, 0-based (default: the tail)")
     p.add_argument("--strategy", choices=STRATEGIES, default="idn")
     p.add_argument("--iters", type=POSITIVE, default=1, help="K: the Newton iterations the model is adapted for")
@@ -40,7 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--context", type=POSITIVE,
                    help=f"tokens per training and evaluation sequence (default {CONTEXT}, at most the model's)")
-    p.add_argument("--lr", type=WEIGHT, help="AdamW's peak learning rate (default 1e-4; with --lora-rank 1e-3)")
+    p.add_argument("--lr", type=bounded(float, 1e-12),
+                   help="AdamW's peak learning rate (default 1e-4; with --lora-rank 1e-3)")
     p.add_argument("--kl-parallel", type=WEIGHT, default=1.0, help="weight of KL(original || the parallel solve)")
     p.add_argument("--kl-sequential", type=WEIGHT, default=1.0,
                    help="weight of KL(original || the adapted model's own sequential forward)")
@@ -78,10 +79,14 @@ def check_output(args) -> None:
     """Before any work: an output this command can write, and one that would not destroy a run by accident."""
     from .flags import check_out
 
+    if args.out is None:
+        raise ValueError("give --out DIR: where the adapted model goes")
     if args.out.suffix.lower() == ".gguf":
         raise ValueError(f"--out {args.out}: adapt writes a Hugging Face directory (safetensors, config, tokenizer), "
                          "not GGUF; convert it afterwards (llama.cpp's convert_hf_to_gguf.py)")
     check_out(args.out, directory=True)
+    if args.n_par is None:
+        raise ValueError("give --n-par N: the length of the segment to adapt (`snlp plan` finds one)")
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the adaptation in --out, --overwrite replaces it: give one of them")
     if args.out.exists() and any(args.out.iterdir()) and not (args.resume or args.overwrite):
@@ -89,15 +94,15 @@ def check_output(args) -> None:
                          "new directory")
 
 
-def texts(args, model, tokenizer, device) -> tuple[object, dict[str, evaluate.Validation]]:
+def texts(args, model, tokenizer, device, cache: Path) -> tuple[object, dict[str, evaluate.Validation]]:
     """The training stream, and the evaluation texts: the corpus's held-out split, and samples of the original
-    model (temperature 1, each from PROMPT held-out tokens; BOS-separated, so no target crosses two samples)."""
-    from .cli import CACHE
+    model (temperature 1, each from PROMPT held-out tokens; BOS-separated, so no target crosses two samples).
+    `cache`: where token streams are kept."""
     from ..inference.decode import generate
     from ..training.data import CorpusError, TokenStream, load_corpus, token_stream
 
     train_text, val_text = load_corpus(args.corpus).split()
-    train, val = token_stream(train_text, tokenizer, CACHE), token_stream(val_text, tokenizer, CACHE)
+    train, val = token_stream(train_text, tokenizer, cache), token_stream(val_text, tokenizer, cache)
     if train.num_tokens < args.batch_size * args.context + 1:
         raise CorpusError(f"--corpus: its training split has {train.num_tokens} tokens, fewer than one batch of "
                           f"--batch-size x --context = {args.batch_size * args.context}")
@@ -108,7 +113,7 @@ def texts(args, model, tokenizer, device) -> tuple[object, dict[str, evaluate.Va
     with torch.no_grad():
         new = generate(model, prompts, args.context - 1 - PROMPT, temperature=1.0, seed=args.seed)
     bos = torch.full((count, 1), tokenizer.get_bos_token_id(), dtype=torch.long, device=device)
-    samples = torch.cat([bos, prompts, new], dim=1).flatten().cpu().int()
+    samples = torch.cat([*torch.cat([bos, prompts, new], dim=1), bos[0]]).cpu().int()  # a BOS ends the last one too
     stream = TokenStream(samples, int(bytes_[samples.long()].sum()))
     return train, {"held-out text": held_out,
                    "samples of the original": evaluate.Validation(stream, bytes_, args.batch_size, args.context, None)}
@@ -161,14 +166,14 @@ def write_output(out: Path, model, tokenizer, step: int, record: dict) -> None:
     write_json(out / RECORD, record)
 
 
-def run(args, model, tokenizer, source: Path) -> int:
-    """`snlp adapt` on a loaded model (the CLI loads it: a run folder or --hf)."""
+def run(args, model, tokenizer, source: Path, cache: Path) -> int:
+    """`snlp adapt` on a loaded model (the CLI loads it: a run folder or --hf); `cache`: the token streams'."""
     from ..training.adapt import adapt, describe
 
     args.context = args.context or min(CONTEXT, model.config.sequence_len)
     cfg = config_of(args, model)
     device = next(model.parameters()).device
-    train, named = texts(args, model, tokenizer, device)
+    train, named = texts(args, model, tokenizer, device, cache)
     blocks = cfg.plan.segment(model.config.n_layer)
     print(f"adapting layers {blocks.start}-{blocks.stop - 1} for {plan_name(cfg.plan)}; evaluating the original")
     before = table(model, model, cfg.plan, named)

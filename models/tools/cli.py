@@ -312,7 +312,7 @@ def _adapt(args) -> int:
         model, tokenizer = hf.load(args.hf, dtype=torch.float32)  # trained in float32 whatever it is stored in
     else:
         model, tokenizer = _load_run(args.checkpoint)
-    return adapt.run(args, model, tokenizer, args.checkpoint or args.hf)
+    return adapt.run(args, model, tokenizer, args.checkpoint or args.hf, CACHE)
 
 
 def _validation(args, model, tokenizer):
