@@ -25,7 +25,7 @@ from models.tools.bench import environment
 from models.tools.cli import _parser
 from models.tools.names import plan_name
 from models.training import evaluate
-from models.training.adapt import adapt, describe
+from models.training.adapt import adapt
 from models.training.runs import default_cache
 
 COMMON = ["--batch-size", "4", "--context", "128", "--eval-tokens", "2048", "--save-every", "25"]
@@ -78,7 +78,7 @@ def main() -> None:
         t0 = time.perf_counter()
         adapted, metrics = adapt(model, train, cfg, args.out, resume=(args.out / "adapt_checkpoint.pt").exists())
         seconds = time.perf_counter() - t0
-        results["runs"][name] = {"config": describe(cfg), "flags": flags, "seconds": seconds, "metrics": metrics}
+        results["runs"][name] = {"config": cfg.record(), "flags": flags, "seconds": seconds, "metrics": metrics}
         results["frontier"][f"adapted {name}"] = frontier(adapted, model, texts)
         print(f"{name}: {cfg.steps} steps in {seconds:.0f} s", flush=True)
     results["seconds"] = time.perf_counter() - start

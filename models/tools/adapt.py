@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_atomic, write_json
+from ..io import write_json
 from ..training import evaluate
 from .flags import COUNT, POSITIVE, WEIGHT, bounded
 from .names import STRATEGIES, plan_name, strategy
@@ -168,7 +168,7 @@ def write_output(out: Path, model, tokenizer, step: int, record: dict) -> None:
 
 def run(args, model, tokenizer, source: Path, cache: Path) -> int:
     """`snlp adapt` on a loaded model (the CLI loads it: a run folder or --hf); `cache`: the token streams'."""
-    from ..training.adapt import adapt, describe
+    from ..training.adapt import adapt
 
     args.context = args.context or min(CONTEXT, model.config.sequence_len)
     cfg = config_of(args, model)
@@ -181,7 +181,7 @@ def run(args, model, tokenizer, source: Path, cache: Path) -> int:
     after = table(adapted, model, cfg.plan, named)
     text = table_text(before, after, cfg.plan)
     blocks = cfg.plan.segment(model.config.n_layer)
-    record = {"source": str(source), "config": describe(cfg), "segment": [blocks.start, blocks.stop],
+    record = {"source": str(source), "config": cfg.record(), "segment": [blocks.start, blocks.stop],
               "strategy": args.strategy, "iters": cfg.plan.iters, "before": before, "after": after,
               "metrics": metrics}
     write_output(args.out, adapted, tokenizer, cfg.steps, record)

@@ -25,10 +25,8 @@ import copy
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..inference import snlp
 from ..io import write_atomic
@@ -86,6 +84,11 @@ class AdaptConfig:
                              "nanochat's blocks read their weights directly: adapt a nanochat run fully (rank 0)")
         if self.seq_len > model.config.sequence_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds the model's context of {model.config.sequence_len}")
+
+    def record(self) -> dict:
+        """The config as JSON: the plan by its fields and the surrogate by its repr."""
+        plan = asdict(self.plan) | {"jacobian": repr(self.plan.jacobian), "init": str(self.plan.init)}
+        return {**{k: v for k, v in asdict(self).items() if k != "plan"}, "plan": plan}
 
     @property
     def peak_lr(self) -> float:
@@ -202,11 +205,11 @@ def student_of(model, cfg: AdaptConfig) -> Student:
 
 
 def adapt(model, train: TokenStream, cfg: AdaptConfig, out_dir: str | Path, resume: bool = False,
-          evaluate: Callable[[object, int], dict] | None = None, show_progress: bool = True) -> tuple[object, dict]:
+          show_progress: bool = True) -> tuple[object, dict]:
     """Adapt `model` (frozen: the teacher) on the training stream; returns the adapted model (merged) and the
     metrics. A checkpoint of the trainable tensors, the optimizer and the data position is written to out_dir
     every `save_every` steps, at the end and on SIGINT / SIGTERM (then `Interrupted` is raised); `resume` continues
-    from it. `evaluate(model, step)`, when given, is called at the end and its record kept in the metrics."""
+    from it."""
     cfg.check(model)
     out_dir = Path(out_dir)
     model.eval().requires_grad_(False)
@@ -215,7 +218,7 @@ def adapt(model, train: TokenStream, cfg: AdaptConfig, out_dir: str | Path, resu
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(student.params, lr=cfg.peak_lr, betas=(0.9, 0.95), weight_decay=0.0)
     loader = TokenLoader(train, cfg.batch_size, cfg.seq_len, device=device)
-    metrics, start = {"config": describe(cfg), "train": [], "skipped_steps": 0}, 0
+    metrics, start = {"config": cfg.record(), "train": [], "skipped_steps": 0}, 0
     if resume:
         start, metrics = _restore(out_dir, cfg, student, opt, loader)
     with StopRequests() as stop, progress(range(start, cfg.steps), initial=start, total=cfg.steps, desc="adapt",
@@ -242,20 +245,12 @@ def adapt(model, train: TokenStream, cfg: AdaptConfig, out_dir: str | Path, resu
             if stopping:
                 raise Interrupted(done, out_dir)
     adapted = student.merged().eval().requires_grad_(False)
-    if evaluate is not None:
-        metrics["evaluation"] = evaluate(adapted, cfg.steps)
     return adapted, metrics
-
-
-def describe(cfg: AdaptConfig) -> dict:
-    """The config as JSON: the plan by its fields and the surrogate by its repr."""
-    plan = asdict(cfg.plan) | {"jacobian": repr(cfg.plan.jacobian), "init": str(cfg.plan.init)}
-    return {**{k: v for k, v in asdict(cfg).items() if k != "plan"}, "plan": plan}
 
 
 def _save(out_dir: Path, step: int, cfg: AdaptConfig, student: Student, opt, loader: TokenLoader,
           metrics: dict) -> None:
-    state = {"step": step, "config": describe(cfg), "trainable": student.trainable_state(),
+    state = {"step": step, "config": cfg.record(), "trainable": student.trainable_state(),
              "optimizer": opt.state_dict(), "loader": loader.state_dict(), "metrics": metrics}
     write_atomic(out_dir / CHECKPOINT, lambda f: torch.save(state, f))
 
@@ -269,7 +264,7 @@ def _restore(out_dir: Path, cfg: AdaptConfig, student: Student, opt, loader: Tok
     except Exception as err:  # a truncated or foreign file
         raise ValueError(f"{path}: corrupt checkpoint ({type(err).__name__})") from None
     recorded = {k: v for k, v in state["config"].items() if k not in ("steps", "save_every")}
-    if recorded != {k: v for k, v in describe(cfg).items() if k not in ("steps", "save_every")}:
+    if recorded != {k: v for k, v in cfg.record().items() if k not in ("steps", "save_every")}:
         raise ValueError(f"{path}: made by another adaptation ({recorded}); give the same flags, or a new --out")
     if state["step"] >= cfg.steps:
         raise ValueError(f"--resume: {out_dir} is already at step {state['step']} >= --steps {cfg.steps}")
