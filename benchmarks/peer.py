@@ -8,12 +8,18 @@ a tokenizer, so a stub stands in for `nanochat.tokenizer` rather than installing
 
 Setup (as in the issue that asked for it): float32, nanochat GPT without x0 / resid blend and value embeddings,
 full windows, n_par = L / 2, the same weights (ours saved, loaded into the peer's GPT). Rows interleave the two
-codes repeat by repeat, so drift of the machine hits both alike; the table reports medians and ours / peer.
+codes repeat by repeat, so drift of the machine hits both alike; the table reports medians and the speed ratio
+peer time / our time (> 1: ours is faster).
+
+Whole calls as a user makes them, in each context a user writes: under `torch.no_grad()`, under
+`torch.inference_mode()`, and (decoding) with no context at all. The published functions enter inference mode
+themselves; our decoders do too, while `snlp.forward` keeps the caller's context (training differentiates it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -32,6 +38,9 @@ from models.inference.decode import generate  # noqa: E402
 from models.tools.bench import environment, timer  # noqa: E402
 
 SHAPES = [(12, 128, 256), (24, 256, 512)]  # (layers, width, tokens)
+# the caller's context -> whether prefill rows are timed in it (a forward with grad enabled builds a graph: training)
+CONTEXTS = {"no_grad": (torch.no_grad, True), "inference_mode": (torch.inference_mode, True),
+            "no context": (contextlib.nullcontext, False)}
 
 
 def import_peer(path: Path):
@@ -78,7 +87,7 @@ def side_by_side(cases: dict[str, tuple], repeats: int) -> dict[str, dict]:
     for name, (a, b) in times.items():
         rows[name] = {"ours_ms": 1e3 * statistics.median(a), "peer_ms": 1e3 * statistics.median(b),
                       "ours_spread_ms": [1e3 * min(a), 1e3 * max(a)], "peer_spread_ms": [1e3 * min(b), 1e3 * max(b)]}
-        rows[name]["ratio"] = rows[name]["ours_ms"] / rows[name]["peer_ms"]
+        rows[name]["speed"] = rows[name]["peer_ms"] / rows[name]["ours_ms"]
     return rows
 
 
@@ -89,7 +98,7 @@ def prefill_cases(ours, peer, peer_idn, layers: int, tokens: int) -> dict[str, t
     pw = peer_idn.PrecomputedWeights(peer, par)
     chunks = [peer_idn.ChunkWeights(peer, par[i:i + 2]) for i in range(0, n, 2)]
     plan = lambda k, fuse=1: snlp.Plan(n_par=n, jacobian=ls.Identity(), iters=k, fuse=fuse)  # noqa: E731
-    with torch.inference_mode():  # the two codes compute the same function: check before timing
+    with torch.no_grad():  # the two codes compute the same function: check before timing
         torch.testing.assert_close(ours(idx), peer_idn.forward_sequential(peer, idx), rtol=1e-4, atol=1e-4)
     return {
         "sequential": (lambda: ours(idx), lambda: peer_idn.forward_sequential(peer, idx)),
@@ -135,21 +144,25 @@ def main(argv=None) -> None:
     lines = []
     for layers, width, tokens in SHAPES:
         ours, peer = twin_models(peer_gpt, layers, width, tokens)
-        with torch.inference_mode():
-            rows = side_by_side(prefill_cases(ours, peer, peer_idn, layers, tokens), args.repeats)
-            decode = side_by_side(decode_cases(ours, peer, peer_idn, layers, args.new_tokens), args.repeats)
-        for row in decode.values():  # per generated token
-            for key in ("ours_ms", "peer_ms"):
-                row[key + "_per_token"] = row[key] / args.new_tokens
-        rows.update(decode)
         name = f"L{layers} D{width} T{tokens}"
-        results["shapes"][name] = rows
-        lines += ["", f"{name}  (median of {args.repeats}; decode rows per token; ratio = ours / peer, < 1 is faster)"]
-        for case, r in rows.items():
-            scale = args.new_tokens if case.startswith("decode") else 1
-            lines.append(f"  {case:<26} ours {r['ours_ms'] / scale:8.2f} ms   peer {r['peer_ms'] / scale:8.2f} ms   "
-                         f"{r['ratio']:.2f}x")
-        print("\n".join(lines[-len(rows) - 2:]))
+        results["shapes"][name] = {}
+        for context, (enter, prefill) in CONTEXTS.items():
+            with enter():
+                rows = side_by_side(prefill_cases(ours, peer, peer_idn, layers, tokens), args.repeats) if prefill \
+                    else {}
+                decode = side_by_side(decode_cases(ours, peer, peer_idn, layers, args.new_tokens), args.repeats)
+            for row in decode.values():  # per generated token
+                for key in ("ours_ms", "peer_ms"):
+                    row[key + "_per_token"] = row[key] / args.new_tokens
+            rows.update(decode)
+            results["shapes"][name][context] = rows
+            lines += ["", f"{name}, {context}  (median of {args.repeats}; decode rows per token; speed = peer time / "
+                      "our time, > 1: ours is faster)"]
+            for case, r in rows.items():
+                scale = args.new_tokens if case.startswith("decode") else 1
+                lines.append(f"  {case:<26} ours {r['ours_ms'] / scale:8.2f} ms   peer {r['peer_ms'] / scale:8.2f} ms"
+                             f"   {r['speed']:.2f}x")
+            print("\n".join(lines[-len(rows) - 2:]), flush=True)
     if args.out:
         from models.io import write_atomic, write_json
         write_json(args.out, results)

@@ -216,18 +216,19 @@ def _parallel(system, layers, start, solver, iters, tol, init, reference, on_div
     return trace, result, stats
 
 
-def _leading(row: Tensor, threshold: float) -> int:
-    """How many leading entries of a residual row are within the threshold."""
-    bad = ~(row <= threshold)
-    return int(bad.int().argmax()) if bad.any() else row.shape[0]
+def _leading(row: Tensor | list[float], threshold: float) -> int:
+    """How many leading entries of a residual row are within the threshold (NaN is not)."""
+    values = row.tolist() if isinstance(row, Tensor) else row
+    return next((i for i, r in enumerate(values) if not r <= threshold), len(values))
 
 
 def _exact_prefix(residual: Tensor, threshold: float) -> Tensor:
     """Per row, the leading layers within threshold; an unevaluated (NaN) row gets what finite termination
-    guarantees: one more layer than the row before."""
+    guarantees: one more layer than the row before. In Python over the few rows: a solve per decoding step builds
+    this, and tensor ops on rows of a few numbers cost more than the numbers."""
     n, prefix = residual.shape[1], []
-    for row in residual:
-        if torch.isnan(row).all():
+    for row in residual.tolist():
+        if all(math.isnan(r) for r in row):
             prefix.append(min(n, prefix[-1] + 1) if prefix else 0)
         else:
             prefix.append(_leading(row, threshold))

@@ -50,6 +50,8 @@ def main() -> int:
             out["prompt_step"][name] = (runner.logits, runner.trace)
         # the last sequence: IDN K = 1 decoding, whose KV caches every rank saves
         out["idn1"] = runner.decode(prompt, out["greedy"]["full"], plans["idn1"])
+        # the decoders pick inference mode whatever the caller's context (here: grad enabled)
+        out["inference"] = [t.is_inference() for t in (out["greedy"]["full"], out["idn1"])]
         runner.close()
     except ranks.StageError as err:  # written, then a failed exit, on which torchrun stops the other ranks
         torch.save({**out, "error": str(err)}, args.out)

@@ -193,7 +193,7 @@ def test_snlp_adapt_writes_a_model_transformers_loads(hf_directory, tmp_path, ca
     with torch.no_grad():
         assert torch.equal(lm(x).logits, adapted(x))
         assert not torch.equal(adapted(x), original(x))
-    assert cli.main(["eval", "--hf", str(out), "--context", "32", "--max-tokens", "64", "--batch-size", "2",
+    assert cli.main(["eval", "--hf", str(out), "--eager-baseline", "--context", "32", "--max-tokens", "64", "--batch-size", "2",
                      "--iters", "1", "--strategies", "idn", "--repeats", "1", "--ar-prompts", "0",
                      "--out", str(tmp_path / "eval.json")]) == 0
 

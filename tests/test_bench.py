@@ -31,9 +31,9 @@ def test_the_tiny_preset_writes_json_and_tables(tmp_path, capsys):
         assert 0 <= row["top1_agreement"] <= 1 and row["max_abs_logit_diff"] >= 0
     assert {r["case"] for r in decode} >= {"decode b1 sequential", "decode b1 IDN n2 K1 warm"}
     assert decode[0]["token_agreement"] == 1.0
-    assert prefill[0]["speedup"] == {"eager": 1.0}
-    mhc = next(r for r in prefill if r["case"] == "mHC sequential")
-    assert mhc["speedup"] == {"eager": 1.0}  # the mHC rows divide by the mHC model's own sequential forward
+    assert prefill[0]["speedup"] == 1.0 and prefill[0]["baseline"] == "sequential"  # tiny: no compiled forward
+    mhc = [r for r in prefill if r["case"].startswith("mHC")]
+    assert mhc[0]["speedup"] == 1.0 and {r["baseline"] for r in mhc} == {"mHC sequential"}  # its own model's
     text = capsys.readouterr().out
     assert "prefill: L4 D64 T32" in text and "decode: L4 D64 T32" in text
     assert (tmp_path / "bench.md").read_text().startswith("# snlp bench --preset tiny")
@@ -46,7 +46,30 @@ def test_the_tiny_preset_writes_json_and_tables(tmp_path, capsys):
     assert (tmp_path / "speculation.png").stat().st_size > 1000
     cases = {r["case"] for r in prefill + decode + speculative}  # row 21: the real run's legend, as below
     legend = _assert_the_legend_explains_exactly_the_printed_columns(bench.table(results), cases)
-    assert "x compiled" not in legend and {"accept", "tok/rnd", "x seq"} <= set(legend)  # tiny: compile=False
+    assert "x fastest" in legend and {"accept", "tok/rnd", "x seq"} <= set(legend)
+    assert "prefill: L4 D64 T32, random trained-like weights (x fastest over: sequential, mHC sequential)" in text
+
+
+def test_models_trained_for_snlp_have_accuracy_beside_speed(tmp_path):
+    """The cpu preset's trained rows: the demo pair of a training preset (here the quick one, cut to 4 steps),
+    each plan's held-out PPL and top-1 beside its speedup, printed under the random-weight tables."""
+    import dataclasses
+
+    from models.training.config import PRESETS as TRAINING
+
+    cfg = dataclasses.replace(TRAINING["quick"], steps=4, eval_every=2)
+    preset = dataclasses.replace(suite.PRESETS["tiny"], trained="quick")
+    trained = suite.trained_rows("quick", cfg, preset, torch.device("cpu"), tmp_path / "cache", lambda line: None)
+    assert set(trained["models"]) == {"baseline", "idn-regularized"}
+    plans = {"sequential", *(snlp_name for snlp_name in trained["models"]["baseline"]["speed"]["rows"])}
+    for m in trained["models"].values():
+        assert set(m["grid"]) <= plans and "IDN n3 K1 repeat" in m["grid"]
+        assert all(cell["quality"]["ppl"] > 1 and 0 <= cell["top1_agreement"] <= 1 for cell in m["grid"].values())
+    text = "\n".join(bench.trained_table(trained))
+    row = next(line for line in text.splitlines() if line.startswith("IDN n3 K1 repeat "))
+    cell, speed = trained["models"]["baseline"]["grid"]["IDN n3 K1 repeat"], trained["models"]["baseline"]["speed"]
+    assert f"{cell['quality']['ppl']:.3f}" in row and f"{speed['rows']['IDN n3 K1 repeat']['speedup']:.2f}x" in row
+    assert "trained for SNLP: `snlp demo --quick`'s baseline model" in text
 
 
 def test_the_work_model_counts_each_evaluation():
@@ -85,7 +108,7 @@ def test_rows_carry_the_solve_result_and_the_table_marks_failures(tiny_model):
     assert by_case["exact"]["result"] == "CONVERGED" and by_case["diverges"]["result"] == "DIVERGED"
     assert by_case["exact"]["max_abs_logit_diff"] < 1e-4 and by_case["exact"]["top1_agreement"] == 1.0
     for row in rows:
-        row.update(speedup={"eager": 1.0}, bound_s=1e-3)
+        row.update(speedup=1.0, baseline="sequential", bound_s=1e-3)
         row.pop("plan")
     results = {"device": "cpu", "dtype": "float32", "threads": 1, "torch": "x", "repeats": 1,
                "rates": {"matmul_flops": 1e9, "copy_bytes": 1e9},
@@ -97,9 +120,28 @@ def test_rows_carry_the_solve_result_and_the_table_marks_failures(tiny_model):
     assert lines[bench.FAILED_MARK + ":"].startswith(f"{bench.FAILED_MARK}: the solve did not end ok")
 
 
-def test_a_plan_named_like_the_reference_is_refused(tiny_model):
-    with pytest.raises(ValueError, match="'sequential' is the sequential forward's row"):
-        bench.prefill_rows(tiny_model, torch.zeros(1, 4, dtype=torch.long), {"sequential": snlp.Plan(n_par=2)})
+@pytest.mark.parametrize("name", ["sequential", "sequential compiled"])
+def test_a_plan_named_like_the_reference_is_refused(tiny_model, name):
+    with pytest.raises(ValueError, match="are the sequential forwards' rows"):
+        bench.prefill_rows(tiny_model, torch.zeros(1, 4, dtype=torch.long), {name: snlp.Plan(n_par=2)})
+
+
+def test_the_speedups_are_over_the_fastest_sequential_way(tiny_model):
+    """With the compiled forward timed, the baseline is whichever sequential row is faster, named; every speedup
+    (the sequential rows' own too) is its time over the row's, so the fastest sequential row is at 1.0x."""
+    idx = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    plans = {"IDN n2 K1": snlp.Plan(n_par=2, iters=1)}
+    speed = bench.speedups(tiny_model, idx, plans, warmup=0, repeats=3, progress=lambda line: None)
+    rows = speed["rows"]
+    assert list(rows) == ["sequential", "sequential compiled", "IDN n2 K1"]
+    base = min(("sequential", "sequential compiled"), key=lambda c: rows[c]["median_s"])
+    assert speed["baseline_case"] == base and speed["baseline"].startswith(f"fastest sequential forward: {base} (")
+    for case, row in rows.items():
+        assert row["speedup"] == pytest.approx(rows[base]["median_s"] / row["median_s"])
+    assert rows[base]["speedup"] == 1.0 and max(r["speedup"] for c, r in rows.items() if c != "IDN n2 K1") == 1.0
+    eager = bench.speedups(tiny_model, idx, plans, warmup=0, repeats=1, progress=lambda line: None, compile=False)
+    assert list(eager["rows"]) == ["sequential", "IDN n2 K1"] and eager["baseline_case"] == "sequential"
+    assert "the compiled forward not timed" in eager["baseline"]
 
 
 @pytest.mark.parametrize("layers", [2, 4, 6, 12, 24, 32])
@@ -114,19 +156,22 @@ def test_an_unknown_preset_is_refused(capsys):
     assert "invalid choice: 'huge'" in capsys.readouterr().err
 
 
-def test_graphed_decode_rows_name_both_baselines(tiny_model):
-    """The graphed rows rerun every decode row with compiled blocks and static caches: same tokens as eager
-    decoding (K = n_par here), a compile time apart, and speedups over both sequential baselines."""
+@pytest.mark.parametrize("graphed", ["all", "sequential"])
+def test_graphed_decode_rows_and_the_fastest_baseline(tiny_model, graphed):
+    """The graphed rows rerun the decode rows ("all", or the sequential one: the CPU preset's second sequential
+    way) with compiled blocks and static caches: same tokens as eager decoding (K = n_par here), a compile time
+    apart; every speedup is over the faster of eager and graphed sequential decoding."""
     rates = suite.Rates(matmul_flops=1e9, copy_bytes=1e9)
     plan = snlp.Plan(n_par=2, iters=2)
     rows = suite.decode_rows(tiny_model, 1, 2, {"IDN n2 K2": plan}, warmup=0, repeats=1, rates=rates,
-                             progress=lambda line: None, graphed=True)
-    assert [r["case"] for r in rows] == ["decode b1 sequential", "decode b1 IDN n2 K2", "decode b1 sequential graphed",
-                                         "decode b1 IDN n2 K2 graphed"]
+                             progress=lambda line: None, graphed=graphed)
+    cases = ["decode b1 sequential", "decode b1 IDN n2 K2", "decode b1 sequential graphed",
+             *(["decode b1 IDN n2 K2 graphed"] if graphed == "all" else [])]
+    assert [r["case"] for r in rows] == cases
     assert all(r["token_agreement"] == 1.0 for r in rows)
     assert all(r["compile_s"] > 0 for r in rows[2:]) and all("compile_s" not in r for r in rows[:2])
-    assert all(set(r["speedup"]) == {"eager", "graphed"} for r in rows)
-    assert rows[2]["speedup"]["graphed"] == 1.0
+    base = min((rows[0], rows[2]), key=lambda r: r["median_s"])
+    assert all(r["baseline"] == base["case"] and r["speedup"] == base["median_s"] / r["median_s"] for r in rows)
 
 
 def _timing(ms: float) -> dict:
@@ -137,7 +182,6 @@ def _hand_made_results(compiled: bool, speculative: bool) -> dict:
     """Suite results made by hand (no benchmark): a prefill and a decode table, with the compiled baselines as on
     the GPU preset (`sequential compiled` and its column, compiled-blocks rows, graphed decoding and its column)
     or without them as on the CPU, and with the speculative table or not."""
-    baselines = ["eager", "compiled"] if compiled else ["eager"]
     prefill = [{"case": "sequential", **_timing(2), "top1_agreement": 1.0, "max_abs_logit_diff": 0.0}]
     if compiled:
         prefill.append({"case": "sequential compiled", **_timing(1), "compile_s": 3.0})
@@ -149,9 +193,9 @@ def _hand_made_results(compiled: bool, speculative: bool) -> dict:
                 {"case": "mHC HCN n2 K1 repeat", **_timing(4), "top1_agreement": 1.0, "max_abs_logit_diff": 1e-4,
                  "result": "COMPLETED"}]
     for row in prefill:
-        row["speedup"] = {b: None if row["case"].startswith("mHC") and b != "eager" else 1.0 for b in baselines}
-    decode = [{"case": f"decode b1 {name}{suffix}", **_timing(2), "token_agreement": 1.0,
-               "speedup": {"eager": 1.0, **({"graphed": 1.0} if compiled else {})},
+        row.update(speedup=1.0, baseline="mHC sequential" if row["case"].startswith("mHC") else "sequential")
+    decode = [{"case": f"decode b1 {name}{suffix}", **_timing(2), "token_agreement": 1.0, "speedup": 1.0,
+               "baseline": "decode b1 sequential",
                **({"result": "COMPLETED"} if name != "sequential" else {})}
               for suffix in ("", " graphed")[:1 + compiled] for name in ("sequential", "IDN n2 K1 warm")]
     for row in prefill + decode:
@@ -209,13 +253,13 @@ def _assert_the_legend_explains_exactly_the_printed_columns(text: str, cases: se
 @pytest.mark.parametrize("compiled", [False, True])
 def test_row_21_the_legend_explains_exactly_the_printed_columns(compiled, speculative):
     """Issue 26 row 21: the legend under `snlp bench`'s tables explains every column printed (the speculative
-    table's too) and no column that is not printed (x compiled without the compiled baseline)."""
+    table's too) and no column that is not printed (no speculation columns without the speculative table)."""
     results = _hand_made_results(compiled, speculative)
     text = bench.table(results)
     cases = {row["case"] for shape in results["shapes"] for kind in ("prefill", "decode", "speculative")
              for row in shape.get(kind, [])}
     legend = _assert_the_legend_explains_exactly_the_printed_columns(text, cases)
-    assert ("x compiled" in legend) is ("x graphed" in legend) is compiled
+    assert "x fastest" in legend and "x eager" not in legend
     for note in ("`sequential compiled`", "`compiled blocks`", "`graphed`"):  # rows named only on the GPU preset
         assert (note in legend["case"]) is compiled
     spec = {"accept", "tok/rnd", "x seq", "tok/s", "= greedy"}

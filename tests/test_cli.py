@@ -72,9 +72,22 @@ def test_train_writes_a_run(trained_run):
     assert metrics["config"]["regularizer"]["n_par_configs"] == [2] and len(metrics["evals"]) == 2
 
 
+def test_bench_of_a_trained_run_gives_accuracy_beside_speed(trained_run, tmp_path, capsys):
+    """`snlp bench RUN`: every timed plan has held-out PPL and top-1 agreement beside its speedup."""
+    assert cli.main(["bench", str(trained_run), "--eager-baseline", "--tokens", "16", "--repeats", "1",
+                     "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "bench.json").read_text())
+    grid, speed = results["grid"], results["speed"]["rows"]
+    assert {"sequential", "IDN n2 K1 repeat", "Jacobi n2 K1 repeat"} <= set(grid) <= set(speed)
+    assert all(cell["quality"]["context"] == 16 and cell["quality"]["ppl"] > 1 and 0 <= cell["top1_agreement"] <= 1
+               for cell in grid.values())
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("IDN n2 K1 repeat "))
+    assert f"{grid['IDN n2 K1 repeat']['quality']['ppl']:.3f}" in row and f"{speed['IDN n2 K1 repeat']['speedup']:.2f}x" in row
+
+
 def test_eval_json_fields(trained_run, capsys):
     out = trained_run / "eval.json"
-    assert cli.main(["eval", str(trained_run), "--iters", "1", "2", "--max-tokens", "512", "--batch-size", "4",
+    assert cli.main(["eval", str(trained_run), "--eager-baseline", "--iters", "1", "2", "--max-tokens", "512", "--batch-size", "4",
                      "--ar-prompts", "2", "--ar-new", "4", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     grid = results["grid"]
@@ -125,7 +138,7 @@ def test_bad_corpus_and_vocabulary(trained_run, tmp_path, capsys):
 
 def test_demo_pipeline_on_a_small_config(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
-    assert cli.main(["demo", "--out", str(tmp_path / "demo"), *SMALL]) == 0
+    assert cli.main(["demo", "--eager-baseline", "--out", str(tmp_path / "demo"), *SMALL]) == 0
     report = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert set(report["models"]) == {"baseline", "idn-regularized"}
     grid = report["models"]["baseline"]["grid"]
@@ -138,18 +151,18 @@ def test_demo_pipeline_on_a_small_config(tmp_path, capsys, monkeypatch):
     text = (tmp_path / "demo" / "report.md").read_text()
     assert text.count("| ") > 5 * 5 and "![frontier.png](frontier.png)" in text
     # Again: both runs are reused (same config, data and code), and the study gives the same grid.
-    assert cli.main(["demo", "--out", str(tmp_path / "again"), *SMALL]) == 0
+    assert cli.main(["demo", "--eager-baseline", "--out", str(tmp_path / "again"), *SMALL]) == 0
     again = json.loads((tmp_path / "again" / "demo.json").read_text())
     assert all(run["reused"] for run in again["about"]["runs"].values())
     assert again["models"]["baseline"]["grid"]["IDN n2 K1 repeat"]["quality"] == grid["IDN n2 K1 repeat"]["quality"]
     # Another config is another run.
-    assert cli.main(["demo", "--out", str(tmp_path / "other"), *SMALL, "--seed", "1"]) == 0
+    assert cli.main(["demo", "--eager-baseline", "--out", str(tmp_path / "other"), *SMALL, "--seed", "1"]) == 0
     other = json.loads((tmp_path / "other" / "demo.json").read_text())
     assert not any(run["reused"] for run in other["about"]["runs"].values())
 
 
 def test_study_on_any_checkpoint(trained_run, tmp_path, capsys):
-    assert cli.main(["study", str(trained_run), "--out", str(tmp_path / "s"), "--max-tokens", "1024"]) == 0
+    assert cli.main(["study", str(trained_run), "--eager-baseline", "--out", str(tmp_path / "s"), "--max-tokens", "1024"]) == 0
     results = json.loads((tmp_path / "s" / "study.json").read_text())
     rows = {row["claim"]: row for row in results["claims"]}
     assert rows["Regularization: little or no cost in sequential PPL, a smaller K = 1 gap"]["agrees"] is None
@@ -162,7 +175,7 @@ def test_study_on_any_checkpoint(trained_run, tmp_path, capsys):
     (baseline / "tokenizer").mkdir()
     for f in (trained_run / "tokenizer").iterdir():
         (baseline / "tokenizer" / f.name).write_bytes(f.read_bytes())
-    assert cli.main(["study", str(trained_run), "--baseline", str(baseline), "--out", str(tmp_path / "b"),
+    assert cli.main(["study", str(trained_run), "--eager-baseline", "--baseline", str(baseline), "--out", str(tmp_path / "b"),
                      "--max-tokens", "1024"]) == 0
     results = json.loads((tmp_path / "b" / "study.json").read_text())
     assert list(results["models"]) == ["base", trained_run.name] and results["baseline"] == "base"

@@ -126,8 +126,8 @@ def test_row_9_resuming_a_run_already_past_its_steps(run, tmp_path, capsys):
     (["train", "--reg-lambda", "2", "--steps", "1", "--out", "OUT", *SMALL], "--reg-lambda does nothing without --reg"),
     (["train", "--sft-iters", "3", "--steps", "1", "--out", "OUT", *SMALL],
      "--sft-iters does nothing without --sft-n-par"),
-    (["bench", "--preset", "tiny", "--tokens", "5"], "--tokens does nothing without --hf"),
-    (["bench", "--preset", "tiny", "--repeats", "3"], "--repeats does nothing without --hf or --train"),
+    (["bench", "--preset", "tiny", "--tokens", "5"], "--tokens does nothing without a run or --hf"),
+    (["bench", "--preset", "tiny", "--repeats", "3"], "--repeats does nothing without a run, --hf or --train"),
 ])
 def test_row_10_a_flag_without_its_partner_is_refused(run, tmp_path, argv, message, capsys):
     argv = [str(run) if w == "RUN" else str(tmp_path / "out") if w == "OUT" else w for w in argv]

@@ -104,7 +104,7 @@ def test_5_a_plan_the_model_cannot_take_fails_before_training(tmp_path, capsys, 
 
 
 def test_5_a_one_layer_demo_runs(tmp_path):
-    assert cli.main(["demo", "--depth", "1", "--steps", "2", "--out", str(tmp_path / "demo"), *SMALL[2:]]) == 0
+    assert cli.main(["demo", "--eager-baseline", "--depth", "1", "--steps", "2", "--out", str(tmp_path / "demo"), *SMALL[2:]]) == 0
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["models"]["baseline"]["n_par"] == 1
 
 
@@ -169,9 +169,11 @@ def test_11_every_table_times_plans_one_way_and_says_so(idn_run, tmp_path, capsy
     assert set(results["grid"]) == {"sequential", "IDN n2 K0 repeat (initial guess only)", "IDN n2 K1 repeat"}
     assert all("speedup" not in cell for cell in results["grid"].values())  # quality only: no second timing
     speed = results["speed"]
-    assert speed["baseline"].startswith("eager sequential forward (batch 1 x 32 tokens") and speed["repeats"] == 2
-    assert speed["rows"]["sequential"]["speedup"] == 1.0
-    assert "speedup: the median time of the eager sequential forward (batch 1 x 32 tokens" in text
+    base = speed["baseline_case"]  # the default baseline: the faster of the eager and the compiled forward
+    assert base == min(("sequential", "sequential compiled"), key=lambda c: speed["rows"][c]["median_s"])
+    assert speed["baseline"].startswith(f"fastest sequential forward: {base} (batch 1 x 32 tokens")
+    assert speed["repeats"] == 2 and speed["rows"][base]["speedup"] == 1.0
+    assert f"speedup: the median time of the fastest sequential forward: {base} (batch 1 x 32 tokens" in text
     assert "max layer err: the largest relative error" in text and "K0: the initial guess only" in text
     row = next(line for line in text.splitlines() if line.startswith("IDN n2 K1 repeat "))
     assert f"{speed['rows']['IDN n2 K1 repeat']['speedup']:.2f}x" in row  # the table prints the JSON's figure

@@ -157,6 +157,19 @@ def test_sampling_is_seeded():
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
+@pytest.mark.parametrize("context", [torch.enable_grad, torch.no_grad, torch.inference_mode])
+def test_decoding_runs_in_inference_mode_whatever_the_callers_context(context):
+    """generate picks the fast context itself: under no_grad, or with grad enabled, it still runs in inference mode
+    (its tokens and the decoder's caches are inference tensors) and builds no graph."""
+    model = random_model(tiny_config(sequence_len=64), seed=4)
+    with context():
+        out = generate(model, tokens(1, 8, seed=4), 4, plan=snlp.Plan(n_par=3, iters=1))
+        decoder = Decoder(model, snlp.Plan(n_par=3, iters=1), capacity=9)
+        logits = decoder.step(tokens(1, 9, seed=5))
+    assert out.is_inference() and logits.is_inference() and not logits.requires_grad
+    assert decoder.segment.k.is_inference()
+
+
 def test_bad_arguments():
     model = random_model(tiny_config(sequence_len=64), seed=5)
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -164,7 +164,7 @@ def test_snlp_eval_hf_reports_the_grid(saved, tmp_path, capsys, monkeypatch):
     directory, _ = saved
     monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
     out = tmp_path / "eval.json"
-    assert cli.main(["eval", "--hf", str(directory), "--context", "32", "--max-tokens", "256", "--batch-size", "2",
+    assert cli.main(["eval", "--hf", str(directory), "--eager-baseline", "--context", "32", "--max-tokens", "256", "--batch-size", "2",
                      "--iters", "1", "2", "--strategies", "idn", "jacobi", "--repeats", "1", "--ar-prompts", "0",
                      "--out", str(out)]) == 0
     results = json.loads(out.read_text())
@@ -191,14 +191,15 @@ def test_snlp_bench_hf_times_the_plans(saved, tmp_path, capsys):
                      "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "bench.json").read_text())
     rows = results["speed"]["rows"]
-    assert {"sequential", "IDN n2 K1 repeat", "Jacobi n2 K1 repeat"} <= set(rows)
-    assert "eager sequential forward (batch 1 x 24 tokens" in results["speed"]["baseline"]
+    assert {"sequential", "sequential compiled", "IDN n2 K1 repeat", "Jacobi n2 K1 repeat"} <= set(rows)
+    assert results["speed"]["baseline"].startswith(f"fastest sequential forward: {results['speed']['baseline_case']} "
+                                                   "(batch 1 x 24 tokens")
     assert "IDN n2 K1 repeat" in capsys.readouterr().out
 
 
 def test_snlp_bench_hf_takes_middle_segments(saved, tmp_path):
     directory, _ = saved
-    assert cli.main(["bench", "--hf", str(directory), "--tokens", "24", "--repeats", "1", "--start", "1",
+    assert cli.main(["bench", "--hf", str(directory), "--eager-baseline", "--tokens", "24", "--repeats", "1", "--start", "1",
                      "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["speed"]["rows"]
     assert {"IDN n2@1 K1 repeat", "Jacobi n2@1 K4 repeat"} <= set(rows)
@@ -208,7 +209,7 @@ def test_snlp_plan_hf_probes_segments_of_the_directorys_model(saved, tmp_path, c
     directory, _ = saved
     monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
     out = tmp_path / "plan.json"
-    assert cli.main(["plan", "--hf", str(directory), "--context", "24", "--max-tokens", "96", "--batch-size", "2",
+    assert cli.main(["plan", "--hf", str(directory), "--eager-baseline", "--context", "24", "--max-tokens", "96", "--batch-size", "2",
                      "--lengths", "2", "--strategies", "idn", "jacobi", "--repeats", "1", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert results["model"] == str(directory) and len(results["profile"]) == 4

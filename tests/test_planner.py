@@ -64,7 +64,7 @@ def run(tmp_path_factory):
 def test_snlp_plan_ranks_middle_segments_and_recommends_within_budget(run, tmp_path, capsys, monkeypatch, budget):
     monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
     out = tmp_path / "plan.json"
-    assert cli.main(["plan", str(run), "--budget", budget, "--max-tokens", "256", "--batch-size", "4",
+    assert cli.main(["plan", str(run), "--eager-baseline", "--budget", budget, "--max-tokens", "256", "--batch-size", "4",
                      "--repeats", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     results = json.loads(out.read_text())
@@ -96,14 +96,14 @@ def test_snlp_plan_refuses_bad_flags(run, capsys):
 
 def test_segment_flags_are_checked_by_name(run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "CACHE", tmp_path / "cache")
-    assert cli.main(["eval", str(run), "--n-par", "3", "--start", "4", "--iters", "1", "--max-tokens", "64",
+    assert cli.main(["eval", str(run), "--eager-baseline", "--n-par", "3", "--start", "4", "--iters", "1", "--max-tokens", "64",
                      "--repeats", "1", "--ar-prompts", "0", "--out", str(tmp_path / "e.json")]) == 2
     assert "--n-par 3 --start 4: Plan.start=4 with n_par=3" in capsys.readouterr().err
     assert cli.main(["generate", str(run), "--start", "2", "--max-new", "2"]) == 2
     assert "--start 2 is the first block of the parallel segment: give --n-par too" in capsys.readouterr().err
     assert cli.main(["bench", "--preset", "tiny", "--start", "1", "--out", str(tmp_path / "b")]) == 2
-    assert "--start does nothing without --hf" in capsys.readouterr().err
-    assert cli.main(["eval", str(run), "--n-par", "3", "--start", "1", "--iters", "1", "--max-tokens", "256",
+    assert "--start does nothing without a run or --hf" in capsys.readouterr().err
+    assert cli.main(["eval", str(run), "--eager-baseline", "--n-par", "3", "--start", "1", "--iters", "1", "--max-tokens", "256",
                      "--repeats", "1", "--ar-prompts", "0", "--out", str(tmp_path / "e.json")]) == 0
     assert set(json.loads((tmp_path / "e.json").read_text())["grid"]) == {"sequential", "IDN n3@1 K1 repeat",
                                                                           "Jacobi n3@1 K1 repeat"}

@@ -60,6 +60,12 @@ def test_k_equals_p_and_the_pipeline_give_the_sequential_greedy_tokens(run, mode
 
 
 @distributed
+def test_the_stage_decoders_run_in_inference_mode(run):
+    _, _, out = run
+    assert out["inference"] == [True, True]
+
+
+@distributed
 @pytest.mark.parametrize("name", ["full", "pipeline"])
 def test_k_equals_p_and_the_pipeline_give_the_sequential_logits(run, model, name):
     _, _, out = run

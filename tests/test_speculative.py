@@ -34,6 +34,14 @@ def test_greedy_output_is_sequential_greedy_decoding(name, draft_len):
     assert stats.accepted <= stats.drafted and 1 <= stats.mean_accepted_length <= draft_len
 
 
+@pytest.mark.parametrize("context", [torch.enable_grad, torch.no_grad])
+def test_speculative_decoding_runs_in_inference_mode_whatever_the_callers_context(context):
+    model = random_model(tiny_config(sequence_len=64), seed=2)
+    with context():
+        out, _ = speculative.generate(model, tokens(1, 8, seed=2), 6, snlp.Plan(n_par=2, iters=1), draft_len=2)
+    assert out.is_inference()
+
+
 def test_some_drafts_are_rejected_in_the_greedy_tests():
     """The greedy identity above is only a test of rollbacks if some rounds reject: they do, for Jacobi."""
     options, plan = PLANS["Jacobi"]

@@ -19,7 +19,7 @@ def results(tmp_path_factory):
     val = evaluate.Validation(stream, token_bytes, batch_size=2, seq_len=16, max_tokens=96)  # 3 batches of 2
     model = random_model(tiny_config(n_layer=6), seed=0)
     out = tmp_path_factory.mktemp("study")
-    res = study.run({"random": model}, val, out, cfg=study.StudyConfig(timing_repeats=1, timing_warmup=0),
+    res = study.run({"random": model}, val, out, cfg=study.StudyConfig(timing_repeats=1, timing_warmup=0, timing_compile=False),
                     progress=lambda _: None)
     return res, out
 

@@ -48,8 +48,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not tensors or not _available() or torch.compiler.is_compiling():
         return False
     device = tensors[0].device
+    if device.type != "cuda" and not interpreting():  # first: the CPU's answer, at every decoding step
+        return False
     if any(t.device != device or t.dtype not in SUPPORTED_DTYPES or not _plain(t) for t in tensors):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return device.type == "cuda" or interpreting()
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))

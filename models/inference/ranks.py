@@ -201,7 +201,7 @@ class StageRunner:
 
     # -- rank 0 ---------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, max_new: int, plan: StagePlan, temperature: float = 0.0,
                  top_k: int | None = None, seed: int = 0) -> torch.Tensor:
         """New tokens (B, max_new) after prompt (B, T)."""
@@ -215,7 +215,7 @@ class StageRunner:
         self._sequence(prompt, max_new, plan, feed)
         return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, prompt: torch.Tensor, tokens: torch.Tensor, plan: StagePlan) -> torch.Tensor:
         """Logits (B, n, V) of each next token after the prompt, feeding the given tokens (B, n) one at a time
         (teacher forcing: a plan's top-1 agreement with another's tokens)."""
@@ -256,7 +256,7 @@ class StageRunner:
 
     # -- the other ranks ------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def serve(self) -> None:
         """Follow rank 0's sequences until it closes."""
         while True:

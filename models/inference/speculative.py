@@ -92,7 +92,7 @@ class SpeculativeDecoder:
         """The one cache's units first .. stop - 1 (blocks), as a cache of their own (views of the same memory)."""
         return KVCache(stop - first, self.capacity, self.cache.k[first:stop], self.cache.v[first:stop])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, max_new: int, draft_len: int = 4, temperature: float = 0.0,
                  top_k: int | None = None, seed: int = 0) -> torch.Tensor:
         """New tokens (1, max_new) after prompt (1, T), the first thing fed to this decoder."""

@@ -175,8 +175,10 @@ class Context:
         transforms such as JVPs, which cannot mutate a captured tensor), it attends to a concatenation."""
         # a static cache's views are cut here, outside any compiled block: its code then never sees which units
         static_kv = cache.views(units) if cache is not None and cache.static and writes else None
-        return replace(self, ve=None if self.ve is None else self.ve[units], cache=cache, units=units, writes=writes,
-                       static_kv=static_kv)
+        # the constructor, not dataclasses.replace: this runs for every block at every decoding step, and replace
+        # (which walks the fields by name) costs several times more
+        return Context(self.x0, None if self.ve is None else self.ve[units], self.cos, self.sin, self.position,
+                       self.positions, cache, units, writes, static_kv)
 
     def keys_values(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """The keys and values (n, B, KV, T_past + T, hd) that these tokens' queries attend to, given their own k, v

@@ -232,9 +232,11 @@ class GPT(nn.Module):
         if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"idx must be an integer tensor of shape (B, T), got "
                              f"{getattr(idx, 'dtype', type(idx).__name__)} {tuple(getattr(idx, 'shape', ()))}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-            raise ValueError(f"idx has token ids in [{int(idx.min())}, {int(idx.max())}], outside the vocabulary "
-                             f"[0, {self.config.vocab_size})")
+        if idx.numel():
+            low, high = (int(t) for t in torch.aminmax(idx))  # one pass; read at every decoding step
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"idx has token ids in [{low}, {high}], outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
         if position + idx.shape[1] > self.rotary_len:
             raise ValueError(f"sequence of {position + idx.shape[1]} tokens exceeds the rotary cache of "
                              f"{self.rotary_len} tokens (10 x sequence_len={self.config.sequence_len})")
@@ -336,7 +338,10 @@ class GPT(nn.Module):
             last, backout = last.sum(dim=1), backout.sum(dim=1)
         x = norm(last - self.backout_lambda.to(last.dtype) * backout)
         logits = at_least_float32(self.lm_head(x)[..., :self.config.vocab_size])
-        return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if torch.is_grad_enabled():
+            return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        # inference: the softcap in place, one tensor of B x T x V instead of three (a tenth of a prefill's time)
+        return (logits / SOFTCAP).tanh_().mul_(SOFTCAP)
 
     # -- the layer-parallel view (system.py) -------------------------------------------------------------------------
 

@@ -98,25 +98,46 @@ def interleaved(calls: Mapping[str, Callable[[], object]], timed, warmup: int, r
     return times
 
 
+COMPILED = f"{SEQUENTIAL} compiled"  # the model's own forward under torch.compile
+
+
+def compiled(model: GPT, device: torch.device):
+    """The model's forward under torch.compile (CUDA graphs on a GPU): the other sequential way a user can run."""
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 @torch.inference_mode()
 def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: int = 2, repeats: int = 5,
-                 progress=print) -> list[dict]:
-    """Time the eager sequential forward (the first row, "sequential") and every named plan. Repeats are
-    interleaved over the cases (one call of each in turn), so that a drift in the machine's speed (other work,
-    clock changes) falls on every case alike, not on whichever ran then. Quality columns compare each plan's
-    logits with the sequential forward's; a plan's row carries "result", the name of its solve's `ls.Result` (a
-    solve that does not end ok keeps its row and its timing, but its logits are not the model's), and "plan", the
-    plan object (for the caller's work model; not JSON)."""
-    if SEQUENTIAL in plans:
-        raise ValueError(f"plans: the name {SEQUENTIAL!r} is the sequential forward's row; name the plan otherwise")
+                 progress=print, compile: bool = False) -> list[dict]:
+    """Time the eager sequential forward (the first row, "sequential"), with `compile` the compiled one (the second
+    row, "sequential compiled", its compile time apart as compile_s: the first call), and every named plan.
+    Repeats are interleaved over the cases (one call of each in turn), so that a drift in the machine's speed
+    (other work, clock changes) falls on every case alike, not on whichever ran then. Quality columns compare each
+    row's logits with the eager sequential forward's; a plan's row carries "result", the name of its solve's
+    `ls.Result` (a solve that does not end ok keeps its row and its timing, but its logits are not the model's),
+    and "plan", the plan object (for the caller's work model; not JSON)."""
+    if {SEQUENTIAL, COMPILED} & set(plans):
+        raise ValueError(f"plans: the names {SEQUENTIAL!r} and {COMPILED!r} are the sequential forwards' rows; name "
+                         "the plan otherwise")
     timed = timer(idx.device)
     reference = model(idx)
     cases = {SEQUENTIAL: None, **plans}
+    compile_s = None
+    if compile:
+        fn = compiled(model, idx.device)
+        try:
+            compile_s = timed(lambda: fn(idx))
+        except Exception as err:  # a model or machine torch.compile cannot handle: eager is the way to run it here
+            progress(f"  {COMPILED}: does not compile here ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+        else:
+            cases = {SEQUENTIAL: None, COMPILED: fn, **plans}
 
     def caller(plan):
         def call():
             if plan is None:
                 return model(idx), None
+            if not isinstance(plan, snlp.Plan):  # the compiled forward
+                return plan(idx), None
             out = snlp.forward(model, idx, plan, throw=False)
             return out.logits, out.result
         return call
@@ -128,31 +149,49 @@ def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], 
         if idx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(idx.device)
         logits, result = calls[name]()
-        row = {"case": name, "plan": plan, "median_s": statistics.median(times[name]), "min_s": min(times[name]),
-               "max_s": max(times[name]),
+        row = {"case": name, "plan": plan if isinstance(plan, snlp.Plan) else None,
+               "median_s": statistics.median(times[name]), "min_s": min(times[name]), "max_s": max(times[name]),
                "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
                "max_abs_logit_diff": float((logits.float() - reference.float()).abs().max())}
+        if name == COMPILED:
+            row["compile_s"], row["mode"] = compile_s, "reduce-overhead" if idx.device.type == "cuda" else "default"
         if idx.device.type == "cuda":
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(idx.device)
         if result is not None:
             row["result"] = result.name
         rows.append(row)
-        progress(f"  {name}: {row['median_s'] * 1e3:.1f} ms, solve {_outcome(row)}")
+        progress(f"  {name}: {row['median_s'] * 1e3:.1f} ms" + (f" (compile {compile_s:.1f} s)" if name == COMPILED
+                                                                 else f", solve {_outcome(row)}"))
     return rows
 
 
+def fastest(rows: list[dict], names: tuple[str, ...] = (SEQUENTIAL, COMPILED)) -> dict:
+    """The row among the sequential ways `names` with the least median time: every speedup's baseline."""
+    return min((r for r in rows if r["case"] in names), key=lambda r: r["median_s"])
+
+
 def speedups(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: int = 2, repeats: int = 7,
-             progress=print) -> dict:
-    """The speed of every plan beside the eager sequential forward on `idx` (B, T), by `prefill_rows`: the one
-    timing method of `snlp eval`, `snlp study`, the demo and `snlp bench`. Returns the baseline's description, the
-    repeats, and per case ("sequential" and each plan) the median, min and max seconds, the speedup over the
-    baseline and how the solve ended."""
-    rows = prefill_rows(model, idx, plans, warmup, repeats, progress)
-    base = rows[0]["median_s"]
-    return {"baseline": f"eager {SEQUENTIAL} forward (batch {idx.shape[0]} x {idx.shape[1]} tokens, this machine)",
-            "repeats": repeats,
+             progress=print, compile: bool = True) -> dict:
+    """The speed of every plan beside the fastest sequential way on this machine, by `prefill_rows`: the one
+    timing method of `snlp eval`, `snlp plan`, `snlp study`, the demo and `snlp bench --hf`. The baseline is the
+    eager or the compiled sequential forward, whichever is faster here (`compile=False`: eager only, and the
+    baseline says so). Returns the baseline's description, the repeats, and per case ("sequential", "sequential
+    compiled" and each plan) the median, min and max seconds, the speedup over the baseline and how the solve
+    ended."""
+    rows = prefill_rows(model, idx, plans, warmup, repeats, progress, compile)
+    base = fastest(rows)
+    shape = f"batch {idx.shape[0]} x {idx.shape[1]} tokens, this machine"
+    if any(r["case"] == COMPILED for r in rows):
+        eager, other = (r["median_s"] * 1e3 for r in rows[:2])
+        baseline = (f"fastest sequential forward: {base['case']} ({shape}; eager {eager:.2f} ms, compiled "
+                    f"{other:.2f} ms)")
+    else:
+        why = "does not compile here" if compile else "not timed"
+        baseline = f"eager {SEQUENTIAL} forward ({shape}; the compiled forward {why})"
+    return {"baseline": baseline, "baseline_case": base["case"], "repeats": repeats,
             "rows": {r["case"]: {"median_s": r["median_s"], "min_s": r["min_s"], "max_s": r["max_s"],
-                                 "speedup": base / r["median_s"], "result": r.get("result")} for r in rows}}
+                                 "speedup": base["median_s"] / r["median_s"], "result": r.get("result")}
+                     for r in rows}}
 
 
 def failed(row: dict) -> bool:
@@ -178,12 +217,9 @@ COLUMNS = {
     "ms/tok": "median over the repeats of the wall time of one generation (the prompt, then the new tokens, KV "
               "caches) divided by the new tokens, in milliseconds per token.",
     "spread": "the fastest and the slowest of the repeats, in the same unit.",
-    "x eager": "speedup over the eager sequential path: its median time over the row's (prefill: `sequential`, "
-               "the mHC rows `mHC sequential`; decode: `sequential` at the same batch).",
-    "x compiled": "speedup over `sequential compiled` (torch.compile of the whole model; CUDA graphs on GPU): its "
-                  "median time over the row's; - on the mHC rows, which have no compiled baseline.",
-    "x graphed": "speedup over graphed sequential decoding at the same batch (compiled blocks, static caches; CUDA "
-                 "graphs on GPU): its median time over the row's.",
+    "x fastest": "speedup over the fastest sequential way of the row's model on this machine, named in the table's "
+                 "title: the least median time of its sequential rows (prefill: eager, compiled, compiled blocks; "
+                 "the mHC rows their own model's; decode at the same batch: eager or graphed) over the row's.",
     "top-1 agr": "the fraction of the T positions whose argmax token is that of the sequential forward of the same "
                  "model.",
     "tok agr": "the fraction of the generated tokens (batch x new tokens, greedy) equal to eager sequential "
@@ -213,8 +249,8 @@ CASES = {
                "<init>` solves the last n blocks in parallel with K Newton iterations and the Jacobian surrogate J "
                "(IDN: identity; HCN: mHC's mixing), from the guess init (repeat: the segment's input state in every "
                "block); <c>xF<f>: as c chunks of f fused blocks; `mHC`: on the mHC twin model.",
-    "sequential compiled": "`sequential compiled`: the forward under torch.compile (CUDA graphs on GPU), the x "
-                           "compiled baseline; no accuracy columns.",
+    "sequential compiled": "`sequential compiled`: the forward under torch.compile (CUDA graphs on GPU); accuracy "
+                           "against the eager forward.",
     "compiled blocks": "`compiled blocks`: on a copy whose blocks run compiled, the compile time apart; accuracy "
                        "against that copy's sequential forward.",
     "decode": "decode b<b> <plan>: greedy decoding of a batch of b prompts with that plan at every step (warm: "
@@ -243,7 +279,7 @@ def _heading(columns: list[tuple[str, str]], printed: list[str]) -> str:
 def _row_notes(kind: str, rows: list[dict]) -> list[str]:
     """The notes of CASES on the rows of a table of `kind`: the table's own, and those of the rows it has."""
     names = [r["case"] for r in rows]
-    optional = {"prefill": {"sequential compiled": lambda n: n == f"{SEQUENTIAL} compiled",
+    optional = {"prefill": {"sequential compiled": lambda n: n.endswith(COMPILED),
                             "compiled blocks": lambda n: n.endswith(" compiled blocks")},
                 "decode": {"graphed": lambda n: n.endswith(" graphed")}}.get(kind, {})
     return [kind, *(note for note, has in optional.items() if any(map(has, names)))]
@@ -276,19 +312,19 @@ def table(results: dict) -> str:
         s = shape["shape"]
         for kind, unit, accuracy in (("prefill", "ms", "top-1 agr"), ("decode", "ms/tok", "tok agr")):
             rows = shape[kind]
-            baselines = list(rows[0]["speedup"])
-            columns = [("case", "<34"), (unit, ">8"), ("spread", ">15"), *((f"x {b}", ">10") for b in baselines),
-                       (accuracy, ">9"), ("max|dlogit|", ">11"), ("roofline", ">8"), ("solve", "")]
-            lines += ["", f"{kind}: L{s['layers']} D{s['width']} T{s['tokens']}", _heading(columns, printed)]
+            columns = [("case", "<34"), (unit, ">8"), ("spread", ">15"), ("x fastest", ">10"), (accuracy, ">9"),
+                       ("max|dlogit|", ">11"), ("roofline", ">8"), ("solve", "")]
+            baselines = ", ".join(dict.fromkeys(r["baseline"] for r in rows))  # the mHC rows have their own
+            lines += ["", f"{kind}: L{s['layers']} D{s['width']} T{s['tokens']}, random trained-like weights (x "
+                      f"fastest over: {baselines})", _heading(columns, printed)]
             notes += [note for note in _row_notes(kind, rows) if note not in notes]
             for r in rows:
                 quality = r.get("top1_agreement", r.get("token_agreement"))
                 diff = r.get("max_abs_logit_diff")
                 lines.append(
                     f"{r['case']:<34} {r['median_s'] * 1e3:>8.2f} {r['min_s'] * 1e3:>7.2f}-{r['max_s'] * 1e3:<7.2f} "
-                    + " ".join(f"{'-':>10}" if r["speedup"][b] is None else f"{r['speedup'][b]:>9.2f}x"
-                               for b in baselines)
-                    + f" {'' if quality is None else f'{quality:.3f}':>9} {'' if diff is None else f'{diff:.1e}':>11}"
+                    f"{r['speedup']:>9.2f}x"
+                    f" {'' if quality is None else f'{quality:.3f}':>9} {'' if diff is None else f'{diff:.1e}':>11}"
                     f" {r['bound_s'] / r['median_s'] if 'bound_s' in r else float('nan'):>7.0%}  {_outcome(r)}")
                 any_failed |= failed(r)
         if shape.get("speculative"):
@@ -299,7 +335,21 @@ def table(results: dict) -> str:
     lines += ["", *legend(printed, notes)]
     if any_failed:
         lines.append(FAILED_NOTE)
+    if results.get("trained"):
+        lines += trained_table(results["trained"])
     return "\n".join(lines)
+
+
+def trained_table(trained: dict) -> list[str]:
+    """The models trained for SNLP (suite.trained_rows): per model, the grid of `snlp eval` with each plan's
+    held-out PPL and top-1 agreement beside its speedup over the fastest sequential forward."""
+    from ..training.evaluate import grid_table
+
+    lines = []
+    for label, m in trained["models"].items():
+        lines += ["", f"trained for SNLP: `snlp demo --{trained['preset']}`'s {label} model ({m['run']}), held-out "
+                      "text:", grid_table(m["grid"], m["speed"])]
+    return lines
 
 
 SPECULATIVE_COLUMNS = [("case", "<40"), ("ms/tok", ">8"), ("spread", ">15"), ("tok/s", ">8"), ("accept", ">7"),

@@ -14,11 +14,12 @@ import layersolve as ls
 
 from ..io import save_figure, write_atomic, write_json
 from . import adapt, planner, staged, suite
-from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, HelpFormatter, check_fits, check_out, device, given,
+from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, HelpFormatter, baseline_flag, check_fits, check_out, device,
+                    given,
                     model_flags, partners, recorded, reg_flags, resumed_flags, temperature, train_config)
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
 from .speculation import compare
-from ..training.runs import default_cache
+from ..training.runs import REG_LAMBDA, default_cache
 
 CACHE = default_cache()  # tokenizers, tokenized corpora and the demo's trained runs: one place for every folder
 HF_CONTEXT = 256  # tokens per sequence of `eval --hf` by default
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="the whole story at toy size (the quick preset, under 2 minutes on a 2-core CPU)")
     model_flags(demo)
-    demo.add_argument("--reg-lambda", type=WEIGHT, default=1.0)
+    demo.add_argument("--reg-lambda", type=WEIGHT, default=REG_LAMBDA)
+    baseline_flag(demo)
 
     train = sub.add_parser("train", help="train a model (nanochat recipe, optional SNLP-aware regularization)")
     train.add_argument("--out", type=Path, default=Path("snlp-out/train"), help="run directory (checkpoints)")
@@ -84,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ar-prompts", type=COUNT, default=4, help="prompts for autoregressive agreement (0: skip)")
     ev.add_argument("--ar-new", type=POSITIVE, default=16)
     ev.add_argument("--repeats", type=POSITIVE, default=7, help="timed calls per plan for the speedup column")
+    baseline_flag(ev)
     ev.add_argument("--out", type=Path, help="JSON path (default: <checkpoint>/eval.json)")
 
     study = sub.add_parser("study", help="the convergence study, figures and claims report of snlp demo, on any "
@@ -95,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--context", type=POSITIVE, help="tokens per sequence (default: the model's sequence_len)")
     study.add_argument("--batch-size", type=POSITIVE, default=8)
     study.add_argument("--max-tokens", type=POSITIVE, default=16384)
+    baseline_flag(study)
     study.add_argument("--out", type=Path, help="directory for report.md, study.json and the figures (default: "
                                                 "<checkpoint>/study)")
 
@@ -133,10 +137,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--repeats", type=POSITIVE,
                        help="--hf: timed calls per plan; --train: timed steps per mode (default 5)")
-    bench.add_argument("--hf", type=Path, metavar="DIR",
-                       help="a local Hugging Face model directory: the grid of `snlp eval --hf` (Jacobi / IDN, K = 1, "
-                            "2, 4 over the last half) at batch 1 x --tokens, with --repeats timed calls per plan")
-    bench.add_argument("--tokens", type=POSITIVE, help="--hf: tokens per sequence (default 256)")
+    bench.add_argument("checkpoint", type=Path, nargs="?",
+                       help="a trained run directory: the grid of `snlp eval` (Jacobi / IDN, K = 1, 2, 4 over the last "
+                            "half) at batch 1 x --tokens, PPL and top-1 agreement on held-out text beside each plan's "
+                            "speedup, with --repeats timed calls per plan")
+    bench.add_argument("--hf", type=Path, metavar="DIR", help="instead: a local Hugging Face model directory, the same")
+    bench.add_argument("--tokens", type=POSITIVE,
+                       help="a run or --hf: tokens per sequence (default 256, at most the model's context)")
+    baseline_flag(bench)
     bench.add_argument("--start", type=COUNT, nargs="+", metavar="S",
                        help="--hf: the parallel segments' first blocks (default: the tail)")
     bench.add_argument("--train", action="store_true",
@@ -168,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args) -> int:
-    from . import demo
-    from ..training.regularizer import Regularizer
+    from . import demo, study
 
     out = args.out or Path("snlp-out/demo-toy" if args.toy else "snlp-out/demo-quick" if args.quick else "snlp-out/demo")
     check_out(out, directory=True)
@@ -183,8 +190,8 @@ def _demo(args) -> int:
     if args.quick:
         args.preset = "quick"
     cfg = train_config(args)
-    regularizer = Regularizer(ls.Identity(), n_par_configs(cfg.model.n_layer, quarters=(1, 2)), stride=1)
-    demo.run_models(out, cfg, regularizer, args.reg_lambda, CACHE)
+    demo.run_models(out, cfg, demo.regularizer_of(cfg.model.n_layer), args.reg_lambda, CACHE,
+                    study.StudyConfig(timing_compile=not args.eager_baseline))
     return 0
 
 
@@ -263,7 +270,8 @@ def _eval(args) -> int:
     named = {plan_name(p): p for p in plans}
     rows = evaluate.grid(model, val, named)
     first = next(iter(val.batches()))[0]
-    speed = bench.speedups(model, first[:1], named, repeats=args.repeats)  # batch 1, as the study and the demo
+    # batch 1, as the study and the demo
+    speed = bench.speedups(model, first[:1], named, repeats=args.repeats, compile=not args.eager_baseline)
     results = {"checkpoint": str(source), "environment": bench.environment(first.device), "context": context,
                "tokens": args.max_tokens, "grid": rows, "speed": speed}
     if args.ar_prompts:
@@ -351,7 +359,7 @@ def _study(args) -> int:
     about = {"checkpoint": str(args.checkpoint), "baseline": None if args.baseline is None else str(args.baseline)}
     baseline = None if args.baseline is None else args.baseline.name
     results = study.run(models, _validation(args, model, tokenizer), out, baseline=baseline, training=training,
-                        about=about)
+                        cfg=study.StudyConfig(timing_compile=not args.eager_baseline), about=about)
     print("\n" + study.summary(results))
     print(f"wrote {out / 'report.md'}, study.json and {', '.join(results['figures'])}")
     return 0
@@ -437,21 +445,28 @@ def _speculate(args, model, tokenizer, prompt, plan) -> int:
 def _bench(args) -> int:
     from . import bench
 
-    partners(args, {"start": (lambda a: a.hf, "--hf (the presets and --train time their own plans)"),
-                    "tokens": (lambda a: a.hf, "--hf (the presets set their own shapes)"),
-                    "repeats": (lambda a: a.hf or a.train, "--hf or --train (the presets set their own repeats)")})
-    args.tokens, args.repeats = args.tokens or 256, args.repeats or 5
+    model = args.hf or args.checkpoint
+    partners(args, {"start": (lambda a: model, "a run or --hf (the presets and --train time their own plans)"),
+                    "tokens": (lambda a: model, "a run or --hf (the presets set their own shapes)"),
+                    "repeats": (lambda a: model or a.train, "a run, --hf or --train (the presets set their own "
+                                                           "repeats)")})
+    if args.hf is not None and args.checkpoint is not None:
+        raise ValueError("give a run directory or --hf DIR, not both")
+    args.repeats = args.repeats or 5
     check_out(args.out, directory=True)
     if args.train:
         return _bench_train(args)
-    if args.hf is not None:  # the same grid as `snlp eval --hf`, at the bench's size and repeats
+    if model is not None:  # the grid of `snlp eval`, at the bench's size and repeats: PPL and top-1 beside speed
+        context = [] if args.tokens is None else ["--context", str(args.tokens)]
         return _eval(_parser().commands["eval"].parse_args(
-            ["--hf", str(args.hf), "--context", str(args.tokens), "--max-tokens", str(4 * args.tokens),
-             "--batch-size", "1", "--ar-prompts", "0", "--repeats", str(args.repeats), "--out",
-             str(args.out / "bench.json"), *(["--start", *map(str, args.start)] if args.start else [])]))
+            [*(["--hf", str(args.hf)] if args.hf else [str(args.checkpoint)]), *context,
+             "--max-tokens", str(4 * (args.tokens or 256)), "--batch-size", "1", "--ar-prompts", "0", "--repeats",
+             str(args.repeats), "--out", str(args.out / "bench.json"),
+             *(["--start", *map(str, args.start)] if args.start else []),
+             *(["--eager-baseline"] if args.eager_baseline else [])]))
     device = torch.device(args.device)
     preset = args.preset or ("gpu-0.5b" if device.type == "cuda" else "cpu")
-    results = suite.run(preset, device)
+    results = suite.run(preset, device, cache_dir=CACHE)
     text = bench.table(results)
     print(text)
     write_json(args.out / "bench.json", results)
@@ -463,8 +478,10 @@ def _bench(args) -> int:
 
         save_figure(analysis.plot_speculation(speculative, f"speculative decoding, {preset} preset"),
                     args.out / "speculation.png")
-    print(f"wrote {args.out / 'bench.json'}, bench.md{' and speculation.png' if speculative else ''} (random trained-like weights: the accuracy columns show the "
-          "plans' agreement with the sequential path, not language quality)")
+    trained = " and those of models trained for SNLP with held-out PPL" if results.get("trained") else ""
+    print(f"wrote {args.out / 'bench.json'}, bench.md{' and speculation.png' if speculative else ''} (the random "
+          "trained-like weights' tables give the plans' agreement with the sequential path, not language quality"
+          f"{trained})")
     return 0
 
 

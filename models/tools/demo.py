@@ -18,6 +18,7 @@ from analysis import convergence_record, convergence_table, plot_convergence
 
 from ..io import save_figure, write_json
 from . import study
+from .names import n_par_configs
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,16 @@ def run_toy(out_dir: Path, cfg: ToyConfig = ToyConfig(), tol: float = 1e-10) -> 
     return results
 
 
-def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Path,
-               study_cfg: study.StudyConfig = study.StudyConfig(), progress=print) -> dict:
-    """Train both models (cfg: a TrainConfig; each run reused from cache_dir when its config, data and code are
-    unchanged), then study them on the validation plays (`study.run`): demo.json, report.md and the figures in
-    out_dir."""
-    from ..training import evaluate
+def regularizer_of(n_layer: int):
+    """The demo's regularizer: IDN at n_par = L/4 and L/2, every step."""
+    from ..training.regularizer import Regularizer
+
+    return Regularizer(ls.Identity(), n_par_configs(n_layer, quarters=(1, 2)), stride=1)
+
+
+def trained_pair(cfg, regularizer, reg_lambda: float, cache_dir: Path, progress=print):
+    """The demo's two runs of `cfg` (a TrainConfig), without and with the regularizer, each trained or reused from
+    cache_dir when its config, data and code are unchanged; with the corpus and its validation plays."""
     from ..training.config import model_shapes
     from ..training.loop import Data
     from ..training.runs import pair, trained_runs
@@ -93,9 +98,17 @@ def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Pa
     for plan in study.study_plans(cfg.model).values():
         plan.check(shapes)
     data = Data.prepare(None, cfg.model.vocab_size, cache_dir)
-    validation = data.validation(cfg)
+    return trained_runs(configs, data, cache_dir, progress=progress), data, data.validation(cfg)
+
+
+def run_models(out_dir: Path, cfg, regularizer, reg_lambda: float, cache_dir: Path,
+               study_cfg: study.StudyConfig = study.StudyConfig(), progress=print) -> dict:
+    """Train both models (`trained_pair`), then study them on the validation plays (`study.run`): demo.json,
+    report.md and the figures in out_dir."""
+    from ..training import evaluate
+
+    trained, data, validation = trained_pair(cfg, regularizer, reg_lambda, cache_dir, progress)
     unigram = evaluate.unigram_loss(data.train, validation)
-    trained = trained_runs(configs, data, cache_dir, progress=progress)
     models = {name: run.model() for name, run in trained.items()}
     training = {name: run.metrics for name, run in trained.items()}
     runs = {name: {"directory": str(run.directory), "reused": run.reused,

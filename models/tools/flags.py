@@ -78,6 +78,14 @@ def default_text(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
+def baseline_flag(p: argparse.ArgumentParser) -> None:
+    """--eager-baseline: the speedups' baseline is the eager sequential forward alone, instead of the faster of the
+    eager and the compiled one (torch.compile costs seconds to a minute per model before the first timing)."""
+    p.add_argument("--eager-baseline", action="store_true",
+                   help="time the speedups against the eager sequential forward only, skipping torch.compile (by "
+                        "default the baseline is the faster of eager and compiled, the fastest sequential way)")
+
+
 def device(text: str) -> str:
     """An argparse type: a torch device this machine has, "cpu" or "cuda[:N]"."""
     import torch

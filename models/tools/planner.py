@@ -29,7 +29,7 @@ from ..inference import snlp
 from ..io import save_figure, write_atomic, write_json
 from ..training import evaluate
 from . import bench
-from .flags import COUNT, POSITIVE
+from .flags import COUNT, POSITIVE, baseline_flag
 from .names import LABELS, STRATEGIES, plan_name, strategy
 
 CONTEXT = 128  # tokens per calibration sequence by default
@@ -132,7 +132,7 @@ def ranked(table_rows: list[dict], budget: float) -> list[dict]:
 
 
 def search(model, val: evaluate.Validation, plan_search: Search, budget: float, repeats: int = 5,
-           progress: Callable[[str], None] = print) -> dict:
+           progress: Callable[[str], None] = print, compile: bool = True) -> dict:
     """The profile, the candidates' rows ranked, and the recommendation (None when no plan is within budget)."""
     L = model.config.n_layer
     plan_search.check(L)
@@ -141,7 +141,7 @@ def search(model, val: evaluate.Validation, plan_search: Search, budget: float, 
     progress("per-layer relative update: " + " ".join(f"{u:.3g}" for u in profile))
     named = plans(candidate_segments(profile, plan_search.lengths, plan_search.per_length), plan_search, L)
     grid = evaluate.grid(model, val, named, progress)
-    speed = bench.speedups(model, batches[0][:1], named, repeats=repeats, progress=progress)
+    speed = bench.speedups(model, batches[0][:1], named, repeats=repeats, progress=progress, compile=compile)
     table_rows = ranked(rows(grid, speed, named, profile, L), budget)
     best = next((r for r in table_rows if within(r, budget)), None)
     return {"budget": budget, "sequential": grid["sequential"]["quality"], "profile": profile,
@@ -221,6 +221,7 @@ def add_parser(sub) -> None:
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=["idn"])
     p.add_argument("--iters", type=POSITIVE, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=POSITIVE, default=5, help="timed calls per plan for the speedup column")
+    baseline_flag(p)
     p.add_argument("--out", type=Path, help="JSON path (default: <model>/plan.json); the table (.md) and the profile "
                                             "figure (.png) go beside it")
 
@@ -236,7 +237,8 @@ def run(args, model, source: Path, val: evaluate.Validation) -> int:
     import analysis
 
     out = args.out or source / "plan.json"
-    results = search(model, val, search_of(args, model.config.n_layer), args.budget, args.repeats)
+    results = search(model, val, search_of(args, model.config.n_layer), args.budget, args.repeats,
+                     compile=not args.eager_baseline)
     results = {"model": str(source), "environment": bench.environment(model.lm_head.weight.device),
                "context": val.seq_len,
                "tokens": args.max_tokens, **results}

@@ -10,14 +10,16 @@ embeddings, full windows) and, for the HCN row, its mHC twin of the same size. R
              (n/2)xF2 K1, each with its compile time apart;
     decode   per generated token after an 8-token prompt, at each decode batch: sequential, IDN n = L/2 with K = 1
              and 2 from repeat, and K = 1 warm (the previous token's trace); on the GPU preset the same again
-             graphed (compiled blocks, static caches, CUDA graphs), each with its compile time apart;
+             graphed (compiled blocks, static caches, CUDA graphs), each with its compile time apart, on the CPU
+             preset the sequential row alone (the other sequential way);
     speculative  on the first shape, self-speculative decoding at batch 1 (speculation.py): IDN n = L/2 K1 from
              repeat and warm drafting, at each draft length and temperature, against sequential decoding.
 
-Each row has the median and spread over repeats, its speedup over each baseline it names, the solve's result, its
-accuracy against the eager sequential path (prefill: top-1 agreement and max |logit difference|; decode: the
-fraction of generated tokens equal to sequential decoding's), the peak memory on GPU, and a roofline: the row's
-matmul FLOPs over the matmul rate and its bytes over the copy bandwidth, both measured in the same run.
+Each row has the median and spread over repeats, its speedup over the fastest sequential way of its table (the
+baseline it names), the solve's result, its accuracy against the eager sequential path (prefill: top-1 agreement
+and max |logit difference|; decode: the fraction of generated tokens equal to sequential decoding's), the peak
+memory on GPU, and a roofline: the row's matmul FLOPs over the matmul rate and its bytes over the copy bandwidth,
+both measured in the same run.
 
 Byte model (stated, rough): each block evaluation reads the block's weights once and passes over its
 (tokens x width) state 16 times (norms, projections' inputs and outputs, residual adds, the correction).
@@ -36,7 +38,7 @@ import layersolve as ls
 from ..inference import snlp
 from ..inference.decode import Decoder
 from ..nanochat import GPT, GPTConfig
-from .bench import SEQUENTIAL, environment, prefill_rows, timer
+from .bench import COMPILED, SEQUENTIAL, environment, fastest, prefill_rows, speedups, timer
 from .names import plan_name
 from .speculation import Speculation, speculative_plans, speculative_rows
 
@@ -61,18 +63,23 @@ class Preset:
     repeats: int = 7
     warmup: int = 2
     compile: bool = True
-    graphed_decode: bool = False  # decode rows again with compiled blocks and static caches (CUDA graphs on GPU)
+    # decode rows again with compiled blocks and static caches (CUDA graphs on GPU): "all" of them, "sequential"
+    # only (a baseline: the faster of eager and compiled decoding), or "" none
+    graphed_decode: str = ""
     vocab_size: int = 8192
     speculation: Speculation | None = Speculation()
+    # a training preset whose demo pair (baseline and IDN-regularized, `snlp demo --<name>`'s runs, trained or reused
+    # from the cache) is timed beside its held-out PPL and top-1: the rows of models trained for SNLP
+    trained: str | None = None
 
 
 PRESETS = {
     # speculation at B = 2 and 8 only: the whole sweep (B = 1, 2, 4, 8) alone took over 400 s on a busy 2-core CPU
     "cpu": Preset((Shape(12, 128, 256), Shape(24, 256, 512)), torch.float32, head_dim=64, repeats=5,
-                  speculation=Speculation(draft_lens=(2, 8))),
+                  graphed_decode="sequential", speculation=Speculation(draft_lens=(2, 8)), trained="quick"),
     # bf16 weights and activations (no autocast): the dtype the paper's GPU timings use.
     "gpu-0.5b": Preset((Shape(32, 640, 512), Shape(32, 640, 2048)), torch.bfloat16, head_dim=128,
-                       decode_batches=(1, 8), repeats=10, warmup=3, graphed_decode=True),
+                       decode_batches=(1, 8), repeats=10, warmup=3, graphed_decode="all"),
     "tiny": Preset((Shape(4, 64, 32),), torch.float32, head_dim=64, new_tokens=4, repeats=1, warmup=0,
                    compile=False, vocab_size=512, speculation=Speculation(draft_lens=(1, 2))),
 }
@@ -157,11 +164,12 @@ def roofline(cfg: GPTConfig, plan: snlp.Plan | None, tokens: int, context: float
 # -- decoding ----------------------------------------------------------------------------------------------------------
 
 def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.Plan], warmup: int, repeats: int,
-                rates: Rates, progress=print, graphed: bool = False) -> list[dict]:
+                rates: Rates, progress=print, graphed: str = "") -> list[dict]:
     """Per-token time of greedy decoding after a prompt, sequential (the first row) and with each plan; the
-    accuracy column compares each row's tokens with the first row's. graphed: the rows again on a copy of the
-    model with compiled blocks (CUDA graphs on GPU) and static caches, each with its compile time apart (the first
-    decoding, which compiles the prompt's and a step's shapes), and a speedup over graphed sequential decoding."""
+    accuracy column compares each row's tokens with the first row's. graphed ("all", "sequential" or ""): those
+    rows again on a copy of the model with compiled blocks (CUDA graphs on GPU) and static caches, each with its
+    compile time apart (the first decoding, which compiles the prompt's and a step's shapes). Every speedup is over
+    the faster of eager and graphed sequential decoding."""
     device = model.lm_head.weight.device
     prompt = decode_prompt(model, batch)
     timed = timer(device)
@@ -172,7 +180,7 @@ def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.P
     rows, groups, reference = [], [], None
     for runner, static, suffix in variants:
         group = []
-        for name, plan in {SEQUENTIAL: None, **plans}.items():
+        for name, plan in {SEQUENTIAL: None, **(plans if not static or graphed == "all" else {})}.items():
             def run():
                 decoder = Decoder(runner, plan, capacity=PROMPT + new_tokens, static=static)
                 return decoder.generate(prompt, new_tokens), decoder.results
@@ -196,10 +204,7 @@ def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.P
             progress(f"  {row['case']}: {row['median_s'] * 1e3:.2f} ms/token")
         groups.append(group)
         rows += group
-    baselines = {"eager": groups[0][0]["median_s"]}
-    if graphed:
-        baselines["graphed"] = groups[1][0]["median_s"]
-    return _speedups(rows, baselines)
+    return _speedups(rows, fastest(rows, tuple(group[0]["case"] for group in groups)))
 
 
 def decode_prompt(model: GPT, batch: int) -> torch.Tensor:
@@ -217,10 +222,11 @@ def _memory(device: torch.device) -> dict:
     return {"peak_memory_bytes": peak}
 
 
-def _speedups(rows: list[dict], baselines: dict[str, float | None]) -> list[dict]:
-    """Each row's speedup over each named baseline time (None: no such baseline for these rows)."""
+def _speedups(rows: list[dict], baseline: dict) -> list[dict]:
+    """Each row's speedup over the baseline row (the fastest sequential way), whose case each row records."""
     for row in rows:
-        row["speedup"] = {name: None if base is None else base / row["median_s"] for name, base in baselines.items()}
+        row["speedup"] = baseline["median_s"] / row["median_s"]
+        row["baseline"] = baseline["case"]
     return rows
 
 
@@ -234,20 +240,6 @@ def twin_models(shape: Shape, preset: Preset, device: torch.device) -> tuple[GPT
         model.init_weights(seed=0, output_std=0.02)
         models.append(model.to(device=device, dtype=preset.dtype).eval())
     return models[0], models[1]
-
-
-def compiled_sequential(model: GPT, idx: torch.Tensor, warmup: int, repeats: int) -> dict:
-    """The compiled sequential forward (CUDA graphs on GPU): its compile time (the first call) and steady time."""
-    mode = "reduce-overhead" if idx.device.type == "cuda" else None
-    fn = torch.compile(model, mode=mode)
-    timed = timer(idx.device)
-    with torch.inference_mode():
-        compile_s = timed(lambda: fn(idx))
-        for _ in range(warmup):
-            fn(idx)
-        times = [timed(lambda: fn(idx)) for _ in range(repeats)]
-    return {"case": f"{SEQUENTIAL} compiled", "median_s": statistics.median(times), "min_s": min(times),
-            "max_s": max(times), "compile_s": compile_s, "mode": mode or "default"}
 
 
 def compiled_blocks_rows(model: GPT, idx: torch.Tensor, plans: dict[str, snlp.Plan], preset: Preset,
@@ -277,27 +269,24 @@ def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, 
                         generator=torch.Generator(device=device).manual_seed(0))
     plans = {plan_name(p): p for p in prefill_plans(shape.layers)}
     with torch.inference_mode():
-        rows = prefill_rows(model, idx, plans, preset.warmup, preset.repeats, progress)
+        rows = prefill_rows(model, idx, plans, preset.warmup, preset.repeats, progress, preset.compile)
         hcn = snlp.Plan(n_par=shape.layers // 2, jacobian=ls.Mixing(), iters=1)
-        mhc_rows = prefill_rows(mhc, idx, {f"mHC {plan_name(hcn)}": hcn}, preset.warmup, preset.repeats, progress)
-    mhc_rows[0]["case"] = f"mHC {SEQUENTIAL}"
-    baselines = {"eager": rows[0]["median_s"]}
+        mhc_rows = prefill_rows(mhc, idx, {f"mHC {plan_name(hcn)}": hcn}, preset.warmup, preset.repeats, progress,
+                                preset.compile)
     if preset.compile:
-        compiled = compiled_sequential(model, idx, preset.warmup, preset.repeats)
-        progress(f"  {compiled['case']}: {compiled['median_s'] * 1e3:.1f} ms (compile {compiled['compile_s']:.1f} s)")
-        rows.insert(1, compiled)
-        baselines["compiled"] = compiled["median_s"]
         rows += compiled_blocks_rows(model, idx, {plan_name(p): p for p in compiled_plans(shape.layers)}, preset,
                                      progress)
-    # The mHC rows divide by the mHC model's own eager sequential forward; no compiled baseline for it.
-    _speedups(rows, baselines)
-    _speedups(mhc_rows, {"eager": mhc_rows[0]["median_s"], **{b: None for b in baselines if b != "eager"}})
+    for row in mhc_rows[:1 + preset.compile]:
+        row["case"] = f"mHC {row['case']}"
+    # every row over the fastest sequential way of its model: eager, compiled or with compiled blocks
+    _speedups(rows, fastest(rows, (SEQUENTIAL, COMPILED, f"{SEQUENTIAL} compiled blocks")))
+    _speedups(mhc_rows, fastest(mhc_rows, (f"mHC {SEQUENTIAL}", f"mHC {COMPILED}")))
     context = (shape.tokens + 1) / 2
     for cfg, group in ((model.config, rows), (mhc.config, mhc_rows)):
         for row in group:
             row.update(roofline(cfg, row.pop("plan", None), shape.tokens, context, preset.dtype.itemsize, rates))
     decode = [decode_rows(model, b, preset.new_tokens, {plan_name(p): p for p in decode_plans(shape.layers)},
-                          preset.warmup, preset.repeats, rates, progress, graphed=preset.graphed_decode)
+                          preset.warmup, preset.repeats, rates, progress, preset.graphed_decode)
               for b in preset.decode_batches]
     out = {"shape": asdict(shape), "prefill": rows + mhc_rows, "decode": [row for rows_b in decode for row in rows_b]}
     if speculation is not None:
@@ -308,7 +297,31 @@ def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, 
     return out
 
 
-def run(preset_name: str, device: torch.device, progress=print) -> dict:
+def trained_rows(name: str, cfg, preset: Preset, device: torch.device, cache_dir, progress=print) -> dict:
+    """The demo's two models of the TrainConfig `cfg` (training preset `name`: `snlp demo --quick`'s for the
+    "quick" preset), trained or reused from cache_dir: per model, the suite's prefill plans' held-out PPL and top-1
+    agreement (the grid of `snlp eval`) beside their speedup over the fastest sequential forward at batch 1
+    (`bench.speedups`)."""
+    from ..training import evaluate
+    from ..training.runs import REG_LAMBDA
+    from . import demo
+
+    runs, _, validation = demo.trained_pair(cfg, demo.regularizer_of(cfg.model.n_layer), REG_LAMBDA, cache_dir,
+                                            progress)
+    plans = {plan_name(p): p for p in prefill_plans(cfg.model.n_layer)}
+    out = {"preset": name, "models": {}}
+    for label, run in runs.items():
+        progress(f"trained: {label} ({run.directory})")
+        model = run.model().to(device)
+        x = next(iter(validation.batches(device)))[0]
+        out["models"][label] = {"run": str(run.directory), "reused": run.reused,
+                                "grid": evaluate.grid(model, validation, plans, progress),
+                                "speed": speedups(model, x[:1], plans, preset.warmup, preset.repeats, progress,
+                                                  preset.compile)}
+    return out
+
+
+def run(preset_name: str, device: torch.device, progress=print, cache_dir=None) -> dict:
     preset = PRESETS[preset_name]
     rates = measure_rates(device, preset.dtype)
     results = {**environment(device), "preset": preset_name, "dtype": str(preset.dtype), "warmup": preset.warmup,
@@ -316,11 +329,16 @@ def run(preset_name: str, device: torch.device, progress=print) -> dict:
                "rates": asdict(rates), "byte_model": f"weights once + {STATE_PASSES} passes over the state per "
                                                      "block evaluation",
                "peak_memory": "CUDA max_memory_allocated per row; not measured on the CPU",
-               "decode_compiled": "not measured: compiling the block on the CPU gave no gain at batch 1 (6.7 -> 6.9 "
-                                  "ms/token at L12 D128, 42 s compile); CUDA-graphed decoding is owed",
+               "baseline": "every row's speedup is over the fastest sequential way of its table on this machine "
+                           "(eager, compiled, compiled blocks; decoding: eager or graphed), named in each row",
                "shapes": []}
     for i, shape in enumerate(preset.shapes):
         progress(f"L{shape.layers} D{shape.width} T{shape.tokens}")
         results["shapes"].append(run_shape(shape, preset, device, rates, progress,
                                            preset.speculation if i == 0 else None))
+    if preset.trained is not None:
+        from ..training.config import PRESETS as TRAINING
+
+        results["trained"] = trained_rows(preset.trained, TRAINING[preset.trained], preset, device, cache_dir,
+                                          progress)
     return results

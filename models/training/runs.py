@@ -93,6 +93,9 @@ class Trained:
         return nanochat.load(self.directory).eval()
 
 
+REG_LAMBDA = 1.0  # the demo pair's regularizer weight by default (`snlp demo --reg-lambda`)
+
+
 def pair(cfg: TrainConfig, regularizer: Regularizer, reg_lambda: float) -> dict[str, TrainConfig]:
     """The demo's two runs: `cfg` as it is, and with the regularizer (same seed, same tokens)."""
     return {"baseline": cfg,
