@@ -63,18 +63,12 @@ def frontier_points(grid: Mapping[str, Mapping], speedups: Mapping[str, float] |
     return points
 
 
-def bench_points(rows: Iterable[Mapping], baseline: str = "eager", quality: str = "max_abs_logit_diff",
-                 group: str = "") -> list[FrontierPoint]:
-    """A point per `snlp bench` row: speedup over `baseline` ("eager" or "compiled" sequential; None, i.e. not
-    measured, becomes NaN) and the row's `quality` column (default the largest logit difference from the
-    sequential forward, lower is better; "top1_agreement" is higher-better)."""
-    points = []
-    for row in rows:
-        if baseline not in row["speedup"]:
-            raise ValueError(f"baseline must be one of the rows' baselines {sorted(row['speedup'])}, got {baseline!r}")
-        points.append(FrontierPoint(row["case"], _number(row["speedup"][baseline]), _number(row.get(quality)), group,
-                                    _solve_ok(row)))
-    return points
+def bench_points(rows: Iterable[Mapping], quality: str = "max_abs_logit_diff", group: str = "") -> list[FrontierPoint]:
+    """A point per `snlp bench` row: its speedup over the fastest sequential way of its table (the row's
+    "baseline"; None, i.e. not measured, becomes NaN) and the row's `quality` column (default the largest logit
+    difference from the sequential forward, lower is better; "top1_agreement" is higher-better)."""
+    return [FrontierPoint(row["case"], _number(row["speedup"]), _number(row.get(quality)), group, _solve_ok(row))
+            for row in rows]
 
 
 def pareto_front(points: Iterable[FrontierPoint], lower_is_better: bool = True) -> list[FrontierPoint]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -39,7 +40,6 @@ def commit() -> str | None:
     """The git commit of the code that measured (with "+dirty" when the tracked files differ from it), or None
     outside a git checkout: every committed result says what code it came from."""
     import subprocess
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
     try:
@@ -347,8 +347,8 @@ def trained_table(trained: dict) -> list[str]:
 
     lines = []
     for label, m in trained["models"].items():
-        lines += ["", f"trained for SNLP: `snlp demo --{trained['preset']}`'s {label} model ({m['run']}), held-out "
-                      "text:", grid_table(m["grid"], m["speed"])]
+        lines += ["", f"trained for SNLP: `snlp demo --{trained['preset']}`'s {label} model (run "
+                      f"{Path(m['run']).name} of the cache), held-out text:", grid_table(m["grid"], m["speed"])]
     return lines
 
 

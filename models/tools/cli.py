@@ -478,9 +478,9 @@ def _bench(args) -> int:
 
         save_figure(analysis.plot_speculation(speculative, f"speculative decoding, {preset} preset"),
                     args.out / "speculation.png")
-    trained = " and those of models trained for SNLP with held-out PPL" if results.get("trained") else ""
-    print(f"wrote {args.out / 'bench.json'}, bench.md{' and speculation.png' if speculative else ''} (the random "
-          "trained-like weights' tables give the plans' agreement with the sequential path, not language quality"
+    trained = "; the trained models' tables give held-out PPL" if results.get("trained") else ""
+    print(f"wrote {args.out / 'bench.json'}, bench.md{' and speculation.png' if speculative else ''} (the tables of "
+          "random trained-like weights give the plans' agreement with the sequential path, not language quality"
           f"{trained})")
     return 0
 
