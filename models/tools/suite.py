@@ -276,8 +276,9 @@ def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, 
     if preset.compile:
         rows += compiled_blocks_rows(model, idx, {plan_name(p): p for p in compiled_plans(shape.layers)}, preset,
                                      progress)
-    for row in mhc_rows[:1 + preset.compile]:
-        row["case"] = f"mHC {row['case']}"
+    for row in mhc_rows:
+        if row["case"] in (SEQUENTIAL, COMPILED):
+            row["case"] = f"mHC {row['case']}"
     # every row over the fastest sequential way of its model: eager, compiled or with compiled blocks
     _speedups(rows, fastest(rows, (SEQUENTIAL, COMPILED, f"{SEQUENTIAL} compiled blocks")))
     _speedups(mhc_rows, fastest(mhc_rows, (f"mHC {SEQUENTIAL}", f"mHC {COMPILED}")))
