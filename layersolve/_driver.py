@@ -199,11 +199,11 @@ def _parallel(system, layers, start, solver, iters, tol, init, reference, on_div
         elif tol is not None:
             result = Result.MAX_ITERS
         else:  # exact by finite termination, or measured exact
-            exact = iters == n or _leading(residuals[-1], prefix_tol) == n
+            exact = iters == n or _leading(residuals[-1].tolist(), prefix_tol) == n
             result = Result.CONVERGED if exact else Result.COMPLETED
     fallback = 0
     if result in (Result.DIVERGED, Result.NONFINITE) and on_divergence == "sequential":
-        exact = _leading(residuals[-1], prefix_tol) if not torch.isnan(residuals[-1]).all() else 0
+        exact = _leading(residuals[-1].tolist(), prefix_tol) if not torch.isnan(residuals[-1]).all() else 0
         tail = system.sequential(trace[exact], layers.start + exact, layers.stop)
         trace = torch.cat([trace[:exact + 1], tail[1:]])
         fallback = n - exact
@@ -216,10 +216,9 @@ def _parallel(system, layers, start, solver, iters, tol, init, reference, on_div
     return trace, result, stats
 
 
-def _leading(row: Tensor | list[float], threshold: float) -> int:
+def _leading(row: list[float], threshold: float) -> int:
     """How many leading entries of a residual row are within the threshold (NaN is not)."""
-    values = row.tolist() if isinstance(row, Tensor) else row
-    return next((i for i, r in enumerate(values) if not r <= threshold), len(values))
+    return next((i for i, r in enumerate(row) if not r <= threshold), len(row))
 
 
 def _exact_prefix(residual: Tensor, threshold: float) -> Tensor:

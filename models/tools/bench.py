@@ -101,9 +101,9 @@ def interleaved(calls: Mapping[str, Callable[[], object]], timed, warmup: int, r
 COMPILED = f"{SEQUENTIAL} compiled"  # the model's own forward under torch.compile
 
 
-def compiled(model: GPT, device: torch.device):
-    """The model's forward under torch.compile (CUDA graphs on a GPU): the other sequential way a user can run."""
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+def compile_mode(device: torch.device) -> str | None:
+    """torch.compile's mode for timing on `device`: CUDA graphs on a GPU ("reduce-overhead"); the default elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else None
 
 
 @torch.inference_mode()
@@ -121,40 +121,36 @@ def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], 
                          "the plan otherwise")
     timed = timer(idx.device)
     reference = model(idx)
-    cases = {SEQUENTIAL: None, **plans}
+    sequential = {SEQUENTIAL: lambda: (model(idx), None)}
     compile_s = None
     if compile:
-        fn = compiled(model, idx.device)
+        fn = torch.compile(model, mode=compile_mode(idx.device))
         try:
             compile_s = timed(lambda: fn(idx))
         except Exception as err:  # a model or machine torch.compile cannot handle: eager is the way to run it here
             progress(f"  {COMPILED}: does not compile here ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
         else:
-            cases = {SEQUENTIAL: None, COMPILED: fn, **plans}
+            sequential[COMPILED] = lambda: (fn(idx), None)
 
     def caller(plan):
         def call():
-            if plan is None:
-                return model(idx), None
-            if not isinstance(plan, snlp.Plan):  # the compiled forward
-                return plan(idx), None
             out = snlp.forward(model, idx, plan, throw=False)
             return out.logits, out.result
         return call
 
-    calls = {name: caller(plan) for name, plan in cases.items()}
+    calls = {**sequential, **{name: caller(plan) for name, plan in plans.items()}}
     times = interleaved(calls, timed, warmup, repeats)
     rows = []
-    for name, plan in cases.items():
+    for name in calls:
+        plan = plans.get(name)
         if idx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(idx.device)
         logits, result = calls[name]()
-        row = {"case": name, "plan": plan if isinstance(plan, snlp.Plan) else None,
-               "median_s": statistics.median(times[name]), "min_s": min(times[name]), "max_s": max(times[name]),
+        row = {"case": name, "plan": plan, "median_s": statistics.median(times[name]), "min_s": min(times[name]), "max_s": max(times[name]),
                "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
                "max_abs_logit_diff": float((logits.float() - reference.float()).abs().max())}
         if name == COMPILED:
-            row["compile_s"], row["mode"] = compile_s, "reduce-overhead" if idx.device.type == "cuda" else "default"
+            row["compile_s"], row["mode"] = compile_s, compile_mode(idx.device) or "default"
         if idx.device.type == "cuda":
             row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(idx.device)
         if result is not None:
@@ -181,10 +177,10 @@ def speedups(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warm
     rows = prefill_rows(model, idx, plans, warmup, repeats, progress, compile)
     base = fastest(rows)
     shape = f"batch {idx.shape[0]} x {idx.shape[1]} tokens, this machine"
-    if any(r["case"] == COMPILED for r in rows):
-        eager, other = (r["median_s"] * 1e3 for r in rows[:2])
-        baseline = (f"fastest sequential forward: {base['case']} ({shape}; eager {eager:.2f} ms, compiled "
-                    f"{other:.2f} ms)")
+    ms = {r["case"]: r["median_s"] * 1e3 for r in rows}
+    if COMPILED in ms:
+        baseline = (f"fastest sequential forward: {base['case']} ({shape}; eager {ms[SEQUENTIAL]:.2f} ms, compiled "
+                    f"{ms[COMPILED]:.2f} ms)")
     else:
         why = "does not compile here" if compile else "not timed"
         baseline = f"eager {SEQUENTIAL} forward ({shape}; the compiled forward {why})"

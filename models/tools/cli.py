@@ -15,8 +15,7 @@ import layersolve as ls
 from ..io import save_figure, write_atomic, write_json
 from . import adapt, planner, staged, suite
 from .flags import (COUNT, POSITIVE, RUN_FLAGS, WEIGHT, HelpFormatter, baseline_flag, check_fits, check_out, device,
-                    given,
-                    model_flags, partners, recorded, reg_flags, resumed_flags, temperature, train_config)
+                    given, model_flags, partners, recorded, reg_flags, resumed_flags, temperature, train_config)
 from .names import STRATEGIES, n_par_configs, plan_name, strategy
 from .speculation import compare
 from ..training.runs import REG_LAMBDA, default_cache
@@ -136,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("snlp-out/bench"), help="directory for bench.json / .md")
     bench.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     bench.add_argument("--repeats", type=POSITIVE,
-                       help="--hf: timed calls per plan; --train: timed steps per mode (default 5)")
+                       help="a run or --hf: timed calls per plan; --train: timed steps per mode (default 5)")
     bench.add_argument("checkpoint", type=Path, nargs="?",
                        help="a trained run directory: the grid of `snlp eval` (Jacobi / IDN, K = 1, 2, 4 over the last "
                             "half) at batch 1 x --tokens, PPL and top-1 agreement on held-out text beside each plan's "
@@ -146,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="a run or --hf: tokens per sequence (default 256, at most the model's context)")
     baseline_flag(bench)
     bench.add_argument("--start", type=COUNT, nargs="+", metavar="S",
-                       help="--hf: the parallel segments' first blocks (default: the tail)")
+                       help="a run or --hf: the parallel segments' first blocks (default: the tail)")
     bench.add_argument("--train", action="store_true",
                        help="time training steps instead: plain vs the IDN regularizer in modes all / sample / "
                             "batched, on the tiny preset (configs L/4, L/2, 3L/4)")

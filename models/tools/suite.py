@@ -38,7 +38,7 @@ import layersolve as ls
 from ..inference import snlp
 from ..inference.decode import Decoder
 from ..nanochat import GPT, GPTConfig
-from .bench import COMPILED, SEQUENTIAL, environment, fastest, prefill_rows, speedups, timer
+from .bench import COMPILED, SEQUENTIAL, compile_mode, environment, fastest, prefill_rows, speedups, timer
 from .names import plan_name
 from .speculation import Speculation, speculative_plans, speculative_rows
 
@@ -175,7 +175,7 @@ def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.P
     timed = timer(device)
     variants = [(model, False, "")]
     if graphed:
-        mode = "reduce-overhead" if device.type == "cuda" else None
+        mode = compile_mode(device)
         variants.append((copy.deepcopy(model).compile_blocks(mode), True, " graphed"))
     rows, groups, reference = [], [], None
     for runner, static, suffix in variants:
@@ -246,7 +246,7 @@ def compiled_blocks_rows(model: GPT, idx: torch.Tensor, plans: dict[str, snlp.Pl
                          progress=print) -> list[dict]:
     """The sequential forward and the plans on a copy of the model whose blocks run compiled (GPT.compile_blocks;
     CUDA graphs on GPU): each row's first call, which compiles its shapes, is timed apart as compile_s."""
-    mode = "reduce-overhead" if idx.device.type == "cuda" else None
+    mode = compile_mode(idx.device)
     twin = copy.deepcopy(model).compile_blocks(mode)
     timed = timer(idx.device)
     compile_s = {}
