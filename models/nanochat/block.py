@@ -52,19 +52,21 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 100000.0, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (seq_len, head_dim / 2), computed in float64 (cast to the activation dtype at use)."""
+    """The rotation as `apply_rotary` reads it, (seq_len, head_dim) each, computed in float64 (cast to the activation
+    dtype once per forward): cos of each angle on both halves, and sin with the sign of each half's rotation."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float64, device=device), inv_freq)
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=1), torch.cat([sin, -sin], dim=1)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (..., T, H, hd); cos, sin (T, hd/2). nanochat rotates the two halves by -theta (kept for checkpoint
-    compatibility: only the relative rotation of q and k matters)."""
+    """x (..., T, H, hd); cos, sin (T, 1, hd) from `rotary_tables`, broadcast over heads. nanochat rotates the two
+    halves by -theta (kept for checkpoint compatibility: only the relative rotation of q and k matters):
+    (x1 cos + x2 sin, x2 cos - x1 sin), here as x * cos + (x2, x1) * sin, three elementwise ops instead of six
+    (decoding at batch 1 pays per op, not per element); the same numbers, since x1 * -sin = -(x1 * sin)."""
     d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hd/2): broadcast over heads
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return x * cos + torch.cat([x[..., d:], x[..., :d]], dim=-1) * sin
 
 
 # -- weights, stacked over n layers --------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def _combine(parts: list, combine):
 @dataclass(frozen=True)
 class Context:
     """What the n blocks being evaluated share: x0 (B, T, D) or (B, S, T, D) for mHC, their value embeddings
-    ve (n, B, T, KV*hd) (or None), rotary tables for the positions of the tokens (Tq, hd/2), the absolute position
+    ve (n, B, T, KV*hd) (or None), rotary tables for the positions of the tokens (Tq, 1, hd), the absolute position
     of the first token (and every token's, as a tensor), and, when decoding, the KV cache of the units being
     evaluated (see `select`)."""
 

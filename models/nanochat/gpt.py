@@ -272,9 +272,11 @@ class GPT(nn.Module):
             zeros = x0.new_zeros(*idx.shape, cfg.n_kv_head * cfg.head_dim)
             ve = torch.stack([self.value_embeds[str(i)](idx).to(x0.dtype) if str(i) in self.value_embeds else zeros
                               for i in layers])  # (len(layers), B, T, KV*hd)
-        # the rotary tables are float64; cast once here rather than in every block's apply_rotary
+        # the rotary tables are float64; cut (T, 1, hd) to broadcast over heads and cast once here rather than in
+        # every block's apply_rotary
         T = idx.shape[1]
-        cos, sin = self.cos[position:position + T].to(x0.dtype), self.sin[position:position + T].to(x0.dtype)
+        cos = self.cos[position:position + T, None].to(x0.dtype)
+        sin = self.sin[position:position + T, None].to(x0.dtype)
         return Embedded(x0, ve, cos, sin, position, last)
 
     # -- the blocks: h_l = f_l(h_{l-1}) ---------------------------------------------------------------------------
