@@ -55,14 +55,14 @@ def speculation_series(rows: Iterable[Mapping]) -> list[SpeculationSeries]:
 
 
 def plot_speculation(rows: Iterable[Mapping], title: str = ""):
-    """Two panels against the draft length B (log2 axis): the acceptance rate, and the speedup over sequential
-    decoding with its 1.0x line; one line per plan x temperature (dashed when sampling), the same colour in both
-    panels, named once in the speedup panel's legend."""
+    """Two panels against the draft length B (log2 axis): the acceptance rate, and the speedup over the fastest
+    sequential decoding with its 1.0x line; one line per plan x temperature (dashed when sampling), the same colour
+    in both panels, named once in the speedup panel's legend."""
     series = speculation_series(rows)
     if not series:
         raise ValueError("rows: no speculative rows (every row has draft_len None)")
     fig, (accept, speed) = figure(ncols=2)
-    speed.axhline(1.0, color="grey", linestyle=":", label="sequential (1.0x)")
+    speed.axhline(1.0, color="grey", linestyle=":", label="fastest sequential (1.0x)")
     for i, s in enumerate(series):
         line = dict(color=f"C{i}", marker="o", linestyle="-" if s.temperature == 0 else "--")
         accept.plot(s.draft_lens, s.acceptance_rate, **line)
@@ -73,7 +73,7 @@ def plot_speculation(rows: Iterable[Mapping], title: str = ""):
         ax.get_xaxis().set_major_formatter("{x:g}")
     accept.set_ylim(0, 1.05)
     style(accept, "draft length B (tokens)", "acceptance rate (accepted / drafted)", "acceptance")
-    style(speed, "draft length B (tokens)", "speedup over sequential decoding (x)", "speedup")
+    style(speed, "draft length B (tokens)", "speedup over the fastest sequential decoding (x)", "speedup")
     if title:
         fig.suptitle(title, fontsize=FONT)
     return fig

@@ -8,8 +8,9 @@ next-token distributions are to a trained model's.
 The models are `snlp demo`'s (the same configs and cache key, `cached_run`: reused when trained before by the
 same code, else trained, about 10 minutes on 2 CPU cores), or with --runs the baseline-* and idn-regularized-*
 run directories in a folder (a cache's runs/ from another code version: its key no longer matches). The prompt is the first PROMPT tokens of the validation plays; each row
-generates NEW tokens after it, sequential decoding timed in the same sweep on the same prompt and seeds
-(`speculation.speculative_rows`). Writes the JSON, a Markdown table beside it, and the figure (.png).
+generates NEW tokens after it, sequential decoding (eager, and graphed: compiled blocks and static caches) timed in
+the same sweep on the same prompt and seeds (`speculation.speculative_rows`); every speedup is over the faster of
+the two at the row's temperature. Writes the JSON, a Markdown table beside it, and the figure (.png).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import layersolve as ls  # noqa: E402
 import analysis  # noqa: E402
 from models import nanochat, snlp  # noqa: E402
 from models.io import save_figure, write_atomic, write_json  # noqa: E402
-from models.tools.bench import environment, speculative_table  # noqa: E402
+from models.tools.bench import baselines, environment, speculative_table  # noqa: E402
 from models.tools.cli import CACHE  # noqa: E402
 from models.tools.names import n_par_configs, plan_name  # noqa: E402
 from models.tools.speculation import speculative_rows  # noqa: E402
@@ -82,7 +83,7 @@ def main() -> None:
         plan = snlp.Plan(n_par=model.config.n_layer // 2, iters=1)
         print(f"== {name} ({directory})")
         group = speculative_rows(model, prompt, NEW, {plan_name(plan): plan}, DRAFT_LENS, TEMPERATURES,
-                                 repeats=args.repeats)
+                                 repeats=args.repeats, graphed=True)
         rows += [{"group": name, **row} for row in group]
         runs[name] = str(directory)
     results = {**environment(torch.device("cpu")), "runs": runs, "prompt_tokens": PROMPT, "new_tokens": NEW,
@@ -95,7 +96,9 @@ def main() -> None:
              f"`python benchmarks/speculative.py`: prompt {PROMPT} validation tokens, {NEW} new tokens, median of "
              f"{args.repeats} (seconds per token), top-k off.", ""]
     for name in runs:
-        lines += [f"## {name}", "", "```", *speculative_table([r for r in rows if r["group"] == name]), "```", ""]
+        group = [r for r in rows if r["group"] == name]
+        lines += [f"## {name}", "", f"x fastest over: {baselines(group)}", "", "```", *speculative_table(group), "```",
+                  ""]
     write_atomic(args.out.with_suffix(".md"), lambda f: f.write("\n".join(lines).encode()))
     save_figure(analysis.plot_speculation(rows, "speculative decoding, the demo's models (IDN n4 K1 drafts)"),
                 args.out.with_suffix(".png"))

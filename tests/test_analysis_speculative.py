@@ -44,7 +44,7 @@ def test_the_figure_draws_acceptance_and_speedup_against_B():
     assert [list(line.get_ydata()) for line in accept.get_lines()] == [[1.0, 0.9, 0.8], [0.7, 0.6], [0.95]]
     drawn = [list(line.get_ydata()) for line in speed.get_lines()]
     assert drawn[0] == [1.0, 1.0] and drawn[1:] == [[0.7, 1.1, 1.3], [0.6, 0.9], [1.2]]  # the 1.0x line first
-    assert legend_labels(speed) == ["sequential (1.0x)", "IDN, T=0", "IDN, T=1", "warm, T=0"]
+    assert legend_labels(speed) == ["fastest sequential (1.0x)", "IDN, T=0", "IDN, T=1", "warm, T=0"]
     assert [line.get_linestyle() for line in speed.get_lines()[1:]] == ["-", "--", "-"]  # sampling dashed
     assert [t for t in accept.get_xticks()] == [1, 2, 4]
 

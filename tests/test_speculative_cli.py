@@ -105,9 +105,37 @@ def test_speculative_rows_sweep_plans_lengths_and_temperatures(model):
     assert lines[3].split()[-1] == "yes" and lines[-1].split()[-1] == "-"
 
 
-def test_a_plan_named_like_the_reference_is_refused(model):
-    with pytest.raises(ValueError, match="'sequential' is sequential decoding's row"):
-        speculation.speculative_rows(model, tokens(1, 4), 2, {"sequential": snlp.Plan(n_par=2)})
+@pytest.mark.parametrize("name", ["sequential", "sequential graphed"])
+def test_a_plan_named_like_a_sequential_row_is_refused(model, name):
+    with pytest.raises(ValueError, match="are sequential decoding's rows"):
+        speculation.speculative_rows(model, tokens(1, 4), 2, {name: snlp.Plan(n_par=2)})
+
+
+def test_graphed_sequential_decoding_is_a_second_baseline(model, monkeypatch):
+    """With graphed, sequential decoding runs again on a compiled-blocks copy with static caches (compiled before
+    the sweep, its compile_s apart): same greedy tokens, and every row's speedup is over the faster of the two
+    sequential rows of its temperature, named as its baseline. The clock is faked so that each timed call looks
+    faster than the one before it: the graphed row (timed after the eager one) is then the baseline, which a
+    speedup over the eager row alone would miss. compile_blocks is the identity here: what is tested is the
+    choice of baseline, not the compiler."""
+    monkeypatch.setattr(type(model), "compile_blocks", lambda self, mode=None: self)
+    calls = iter(range(1, 10_000))
+
+    def timer(device):
+        return lambda fn: (fn(), 1.0 / next(calls))[1]
+
+    monkeypatch.setattr(speculation, "timer", timer)
+    rows = speculation.speculative_rows(model, tokens(1, 6, seed=2), 4, {"IDN n4 K1": snlp.Plan(n_par=4, iters=1)},
+                                        draft_lens=(2,), temperatures=(0.0, 1.0), warmup=0, repeats=3,
+                                        progress=lambda line: None, graphed=True)
+    assert [(r["temperature"], r["plan"]) for r in rows] == [
+        (t, name) for t in (0.0, 1.0) for name in ("sequential", "sequential graphed", "IDN n4 K1")]
+    for t in (0.0, 1.0):
+        group = [r for r in rows if r["temperature"] == t]
+        assert all(r["baseline"] == f"speculative T{t:g} sequential graphed" for r in group)
+        assert all(r["speedup"] == pytest.approx(group[1]["median_s"] / r["median_s"]) for r in group)
+        assert group[1]["compile_s"] == 1.0 and all("compile_s" not in r for r in (group[0], group[2]))
+    assert all(r["greedy_equal"] for r in rows if r["temperature"] == 0)
 
 
 def test_compare_times_both_on_the_same_prompt(model):

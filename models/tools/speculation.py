@@ -8,11 +8,14 @@ one-hot, not a language model's).
 Each timed run generates `new_tokens` tokens after the prompt; repeat r uses seed `seed + r`, so that at
 temperature > 0 the acceptance statistics pool several samples instead of repeating one, and sequential decoding
 is timed on the same seeds. Repeats are interleaved over the cases of a temperature (as in bench.prefill_rows).
-Speedup: the sequential row's median time over the row's, at the same temperature.
+Speedup: over the fastest sequential decoding at the same temperature: the eager row's median time, or with
+`graphed` the graphed row's where it is faster (compiled blocks and static caches, as suite.decode_rows times it),
+over the row's.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 from dataclasses import dataclass
 from typing import Mapping
@@ -20,9 +23,11 @@ from typing import Mapping
 import torch
 
 from ..inference import snlp, speculative
-from ..inference.decode import generate
+from ..inference.decode import Decoder, generate
 from ..nanochat import GPT
-from .bench import SEQUENTIAL, timer
+from .bench import SEQUENTIAL, compile_mode, timer
+
+GRAPHED = f"{SEQUENTIAL} graphed"
 
 
 @dataclass(frozen=True)
@@ -78,40 +83,55 @@ def speculative_plans(layers: int) -> list[snlp.Plan]:
 
 def speculative_rows(model: GPT, prompt: torch.Tensor, new_tokens: int, plans: Mapping[str, snlp.Plan],
                      draft_lens=(1, 2, 4, 8), temperatures=(0.0, 1.0), top_k: int | None = None, warmup: int = 1,
-                     repeats: int = 5, seed: int = 0, progress=print) -> list[dict]:
-    """Rows per temperature: sequential decoding first (plan "sequential", draft_len None), then every plan at
-    every draft length. Each row: case, plan (its name), draft_len, temperature, median / min / max seconds per
-    token, tokens_per_s, acceptance_rate and mean_accepted_length (pooled over the repeats; None for sequential),
-    speedup over the sequential row, and greedy_equal: at temperature 0, whether the tokens equal sequential greedy
-    decoding's (None when sampling, where only the distribution is the same)."""
-    if SEQUENTIAL in plans:
-        raise ValueError(f"plans: the name {SEQUENTIAL!r} is sequential decoding's row; name the plan otherwise")
+                     repeats: int = 5, seed: int = 0, progress=print, graphed: bool = False) -> list[dict]:
+    """Rows per temperature: sequential decoding first (plan "sequential", draft_len None; with `graphed` also
+    "sequential graphed", on a copy of the model with compiled blocks and static caches, compiled before the
+    first temperature, its compile_s apart), then every plan at every draft length. Each row: case, plan (its
+    name), draft_len, temperature, median / min / max seconds per token, tokens_per_s, acceptance_rate and
+    mean_accepted_length (pooled over the repeats; None for sequential), speedup over the fastest sequential row of
+    its temperature and that row's case as baseline, and greedy_equal: at temperature 0, whether the tokens equal
+    eager sequential greedy decoding's (None when sampling, where only the distribution is the same)."""
+    if SEQUENTIAL in plans or GRAPHED in plans:
+        raise ValueError(f"plans: the names {SEQUENTIAL!r} and {GRAPHED!r} are sequential decoding's rows; name the "
+                         "plan otherwise")
     timed = timer(prompt.device)
+    ways = {SEQUENTIAL: (model, False)}  # sequential decoding's rows: name -> (model, static caches)
+    compile_s = None
+    if graphed:
+        ways[GRAPHED] = (copy.deepcopy(model).compile_blocks(compile_mode(prompt.device)), True)
+    capacity = prompt.shape[1] + new_tokens
+
+    def run(name, plan, B, temperature, r):
+        if plan is None:
+            runner, static = ways[name]
+            return Decoder(runner, None, capacity, static).generate(prompt, new_tokens, temperature, top_k,
+                                                                    seed + r), None
+        return speculative.generate(model, prompt, new_tokens, plan, B, temperature, top_k, seed + r)
+
     rows = []
-    for temperature in temperatures:
-        cases = [(SEQUENTIAL, None, None)] + [(name, plan, B) for name, plan in plans.items() for B in draft_lens]
-
-        def run(plan, B, r):
-            if plan is None:
-                return generate(model, prompt, new_tokens, None, temperature, top_k, seed + r), None
-            return speculative.generate(model, prompt, new_tokens, plan, B, temperature, top_k, seed + r)
-
-        times, outputs = ([[] for _ in cases] for _ in range(2))
-        with torch.inference_mode():
+    with torch.inference_mode():
+        if graphed:  # the first decoding compiles the prompt's and a step's shapes
+            compile_s = timed(lambda: run(GRAPHED, None, None, 0.0, 0))
+        for temperature in temperatures:
+            cases = [(name, None, None) for name in ways] + [(name, plan, B) for name, plan in plans.items()
+                                                             for B in draft_lens]
+            times, outputs = ([[] for _ in cases] for _ in range(2))
             for case in cases:
                 for r in range(warmup):
-                    run(case[1], case[2], r)
+                    run(*case, temperature, r)
             for r in range(repeats):  # interleaved: a drift in the machine's speed falls on every case alike
-                for i, (_, plan, B) in enumerate(cases):
-                    times[i].append(timed(lambda: outputs[i].append(run(plan, B, r))) / new_tokens)
-        group = [_row(name, plan, B, temperature, times[i], outputs[i]) for i, (name, plan, B) in enumerate(cases)]
-        base, expected = group[0]["median_s"], group[0]["tokens"]
-        for row in group:
-            row["speedup"] = base / row["median_s"]
-            tokens = row.pop("tokens")
-            row["greedy_equal"] = all(map(torch.equal, tokens, expected)) if temperature == 0 else None
-            progress(f"  {row['case']}: {row['median_s'] * 1e3:.2f} ms/token, x{row['speedup']:.2f}")
-        rows += group
+                for i, case in enumerate(cases):
+                    times[i].append(timed(lambda: outputs[i].append(run(*case, temperature, r))) / new_tokens)
+            group = [_row(name, plan, B, temperature, times[i], outputs[i]) for i, (name, plan, B) in enumerate(cases)]
+            base, expected = min(group[:len(ways)], key=lambda row: row["median_s"]), group[0]["tokens"]
+            for row in group:
+                row["speedup"], row["baseline"] = base["median_s"] / row["median_s"], base["case"]
+                tokens = row.pop("tokens")
+                row["greedy_equal"] = all(map(torch.equal, tokens, expected)) if temperature == 0 else None
+                if row["plan"] == GRAPHED:
+                    row["compile_s"] = compile_s
+                progress(f"  {row['case']}: {row['median_s'] * 1e3:.2f} ms/token, x{row['speedup']:.2f}")
+            rows += group
     return rows
 
 

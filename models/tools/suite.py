@@ -294,7 +294,8 @@ def run_shape(shape: Shape, preset: Preset, device: torch.device, rates: Rates, 
         out["speculative"] = speculative_rows(model, decode_prompt(model, 1), preset.new_tokens,
                                               {plan_name(p): p for p in speculative_plans(shape.layers)},
                                               speculation.draft_lens, speculation.temperatures,
-                                              warmup=preset.warmup, repeats=preset.repeats, progress=progress)
+                                              warmup=preset.warmup, repeats=preset.repeats, progress=progress,
+                                              graphed=bool(preset.graphed_decode))
     return out
 
 
