@@ -22,6 +22,7 @@ other case is the torch maths of `LinearMap.correct`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
@@ -75,8 +76,18 @@ def associative_scan(combine: Callable[[Sequence[Tensor], Sequence[Tensor]], Seq
 
 
 def layer_norms(x: Tensor) -> Tensor:
-    """Per-layer L2 norms of a stack (n, *S) -> (n,), detached, computed in float64."""
-    return torch.linalg.vector_norm(x.detach().flatten(1), dim=1, dtype=torch.float64)
+    """Per-layer L2 norms of a stack (n, *S) -> (n,), detached, in float64. A CPU stack of lower precision is
+    reduced in float32 first: a float64 copy of a large stack costs more than its norms (12 x 512 x 256 float32, as
+    a prefill's residual: ~2.5 ms of a fresh 12 MB copy, three times per iteration, against 0.2 ms). Its squares
+    can overflow or underflow there only if a norm comes out non-finite or below 1e-10 without the layer being zero
+    (as the residuals of exact layers are), and then the stack is reduced again in float64."""
+    flat = x.detach().flatten(1)
+    if flat.dtype != torch.float64 and flat.device.type == "cpu":
+        norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).double()
+        zero = (flat.amax(dim=1) == 0) & (flat.amin(dim=1) == 0)
+        if bool((torch.isfinite(norms) & ((norms >= 1e-10) | zero)).all()):
+            return norms
+    return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
 
 
 class LinearMap:
@@ -152,6 +163,11 @@ class IdentityMap(LinearMap):
         return ZeroMap() if c == 0 else ElementwiseMap(torch.tensor(float(c), dtype=torch.float64))
 
     def _scan(self, b):
+        # On the CPU, cumsum over the leading dim runs 5-10x slower than n - 1 adds once a layer holds ~1k numbers
+        # (12 x 512 x 256 float32: 2.5 ms against 0.37 ms; its kernel walks each column, accumulating in double);
+        # below that, and on a GPU, one kernel beats n. In float64 the two are the same numbers.
+        if b.device.type == "cpu" and b[0].numel() >= 1024:
+            return torch.stack(list(itertools.accumulate(b.unbind(0))))
         return torch.cumsum(b, dim=0)
 
     def correct(self, trace, outputs, recurrence=Scan()):

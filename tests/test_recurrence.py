@@ -1,10 +1,11 @@
 """Recurrence solvers: every associative scan equals its sequential sweep, and every combine is associative."""
 
+import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import layersolve as ls
-from layersolve._recurrence import _elementwise_combine, _matrix_combine
+from layersolve._recurrence import _elementwise_combine, _matrix_combine, layer_norms
 from helpers import DTYPE
 
 shapes = st.tuples(st.integers(1, 12), st.integers(1, 3), st.integers(1, 4))  # (n, S, D)
@@ -84,3 +85,28 @@ def test_a_scaled_identity_meets_the_state_on_its_device():
     device, standing in for CUDA)."""
     b = torch.ones(3, 4, dtype=DTYPE, device="meta")
     assert ls.IdentityMap().scaled(0.5).solve(b).device == b.device
+
+
+def test_identity_scan_of_large_layers_is_the_prefix_sum():
+    """Layers of 1,024 numbers or more take the CPU's n - 1 adds instead of cumsum: the same prefix sums (equal in
+    float64, to float32 rounding in float32), and differentiable like cumsum."""
+    b = tensor((5, 2, 600), 3).requires_grad_()
+    x = ls.IdentityMap().solve(b, ls.Scan())
+    assert torch.equal(x, torch.cumsum(b, dim=0))
+    x.sum().backward()
+    assert torch.equal(b.grad[:, 0, 0], torch.tensor([5.0, 4, 3, 2, 1], dtype=DTYPE))  # d(sum of prefix sums)/db_l
+    b32 = b.detach().float()
+    torch.testing.assert_close(ls.IdentityMap().solve(b32, ls.Scan()), torch.cumsum(b32, dim=0))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1.0, 1e25])
+def test_layer_norms_of_float32_stacks_survive_overflow_and_underflow(scale):
+    """float32 stacks are reduced in float32 unless a norm could have overflowed or underflowed there: at 1e25 the
+    squares overflow float32 and at 1e-30 they underflow, and the norms still match float64's; a zero layer (an
+    exact layer's residual) is zero."""
+    x = tensor((3, 4, 500), 5, scale)
+    x[1] = 0
+    expected = torch.linalg.vector_norm(x.flatten(1), dim=1)
+    got = layer_norms(x.float())
+    assert got.dtype == torch.float64 and got[1] == 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)

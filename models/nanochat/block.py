@@ -318,8 +318,10 @@ def attention(w: AttentionWeights, x: Tensor, ctx: Context) -> tuple[Tensor, Ten
 
 
 def mlp(w: MLPWeights, x: Tensor) -> Tensor:
-    """x (n, B, T, D) normed -> (n, B, T, D)."""
-    return linear(F.relu(linear(x, w.c_fc)).square(), w.c_proj)
+    """x (n, B, T, D) normed -> (n, B, T, D): relu squared. Without autograd the square is taken in place on the
+    relu's fresh output, one (n, B, T, F) tensor fewer (about 1% of a prefill on the CPU)."""
+    h = F.relu(linear(x, w.c_fc))
+    return linear(h.square() if torch.is_grad_enabled() else h.square_(), w.c_proj)
 
 
 def block_forward(w: BlockWeights, h: Tensor, ctx: Context, want_mixing: bool = False) -> BlockOutput:

@@ -339,11 +339,12 @@ class GPT(nn.Module):
         if self.config.use_mhc:  # (B, S, T, D) -> (B, T, D): the streams are summed
             last, backout = last.sum(dim=1), backout.sum(dim=1)
         x = norm(last - self.backout_lambda.to(last.dtype) * backout)
-        logits = at_least_float32(self.lm_head(x)[..., :self.config.vocab_size])
         if torch.is_grad_enabled():
-            return SOFTCAP * torch.tanh(logits / SOFTCAP)
-        # inference: the softcap in place, one tensor of B x T x V instead of three (a tenth of a prefill's time)
-        return (logits / SOFTCAP).tanh_().mul_(SOFTCAP)
+            return SOFTCAP * torch.tanh(at_least_float32(self.lm_head(x)[..., :self.config.vocab_size]) / SOFTCAP)
+        # inference: the softcap's division on the D-wide state, before the head, and its tanh and product in place:
+        # one tensor of B x T x V instead of three (the softcap took a tenth of a prefill's time)
+        logits = at_least_float32(self.lm_head(x / SOFTCAP)[..., :self.config.vocab_size])
+        return logits.tanh_().mul_(SOFTCAP)
 
     # -- the layer-parallel view (system.py) -------------------------------------------------------------------------
 
