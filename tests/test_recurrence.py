@@ -101,10 +101,10 @@ def test_identity_scan_of_large_layers_is_the_prefix_sum():
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-12, 1.0, 1e25])
 def test_layer_norms_of_float32_stacks_survive_overflow_and_underflow(scale):
-    """float32 stacks are reduced in float32 unless a norm could have overflowed or underflowed there: at 1e25 the
+    """Large float32 stacks are reduced in float32 unless a norm could have overflowed or underflowed there: at 1e25 the
     squares overflow float32 and at 1e-30 they underflow, and the norms still match float64's; a zero layer (an
     exact layer's residual) is zero."""
-    x = tensor((3, 4, 500), 5, scale)
+    x = tensor((3, 4, 6000), 5, scale)  # 72k numbers: the float32 path
     x[1] = 0
     expected = torch.linalg.vector_norm(x.flatten(1), dim=1)
     got = layer_norms(x.float())
