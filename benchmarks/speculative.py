@@ -94,7 +94,7 @@ def main() -> None:
     lines = [f"# Speculative decoding on the demo's models ({results['device']}, {results['threads']} threads, "
              f"torch {results['torch']})", "",
              f"`python benchmarks/speculative.py`: prompt {PROMPT} validation tokens, {NEW} new tokens, median of "
-             f"{args.repeats} (seconds per token), top-k off.", ""]
+             f"{args.repeats} runs, top-k off; the tables in milliseconds per token.", ""]
     for name in runs:
         group = [r for r in rows if r["group"] == name]
         lines += [f"## {name}", "", f"x fastest over: {baselines(group)}", "", "```", *speculative_table(group), "```",
