@@ -85,7 +85,8 @@ def layer_norms(x: Tensor) -> Tensor:
     flat = x.detach().flatten(1)
     if flat.dtype != torch.float64 and flat.device.type == "cpu" and flat.numel() >= 1 << 16:
         norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).double()
-        zero = (flat.amax(dim=1) == 0) & (flat.amin(dim=1) == 0)
+        low, high = torch.aminmax(flat, dim=1)
+        zero = (low == 0) & (high == 0)
         if bool((torch.isfinite(norms) & ((norms >= 1e-10) | zero)).all()):
             return norms
     return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)

@@ -6,6 +6,7 @@ On a GPU the timings use CUDA events after warm-up; on the CPU, perf_counter. Me
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
@@ -106,6 +107,12 @@ def compile_mode(device: torch.device) -> str | None:
     return "reduce-overhead" if device.type == "cuda" else None
 
 
+def compiled_blocks(model: GPT, device: torch.device) -> GPT:
+    """A copy of the model whose blocks run compiled (GPT.compile_blocks, in `compile_mode(device)`): the
+    compiled-blocks and graphed rows' model, the eager one left as it is."""
+    return copy.deepcopy(model).compile_blocks(compile_mode(device))
+
+
 @torch.inference_mode()
 def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], warmup: int = 2, repeats: int = 5,
                  progress=print, compile: bool = False) -> list[dict]:
@@ -146,7 +153,8 @@ def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], 
         if idx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(idx.device)
         logits, result = calls[name]()
-        row = {"case": name, "plan": plan, "median_s": statistics.median(times[name]), "min_s": min(times[name]), "max_s": max(times[name]),
+        row = {"case": name, "plan": plan, "median_s": statistics.median(times[name]), "min_s": min(times[name]),
+               "max_s": max(times[name]),
                "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
                "max_abs_logit_diff": float((logits.float() - reference.float()).abs().max())}
         if name == COMPILED:

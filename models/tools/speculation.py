@@ -15,7 +15,6 @@ over the row's.
 
 from __future__ import annotations
 
-import copy
 import statistics
 from dataclasses import dataclass
 from typing import Mapping
@@ -25,7 +24,7 @@ import torch
 from ..inference import snlp, speculative
 from ..inference.decode import Decoder, generate
 from ..nanochat import GPT
-from .bench import SEQUENTIAL, compile_mode, timer
+from .bench import SEQUENTIAL, compiled_blocks, timer
 
 GRAPHED = f"{SEQUENTIAL} graphed"
 
@@ -98,7 +97,7 @@ def speculative_rows(model: GPT, prompt: torch.Tensor, new_tokens: int, plans: M
     ways = {SEQUENTIAL: (model, False)}  # sequential decoding's rows: name -> (model, static caches)
     compile_s = None
     if graphed:
-        ways[GRAPHED] = (copy.deepcopy(model).compile_blocks(compile_mode(prompt.device)), True)
+        ways[GRAPHED] = (compiled_blocks(model, prompt.device), True)
     capacity = prompt.shape[1] + new_tokens
 
     def run(name, plan, B, temperature, r):

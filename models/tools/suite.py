@@ -27,7 +27,6 @@ Byte model (stated, rough): each block evaluation reads the block's weights once
 
 from __future__ import annotations
 
-import copy
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -38,7 +37,8 @@ import layersolve as ls
 from ..inference import snlp
 from ..inference.decode import Decoder
 from ..nanochat import GPT, GPTConfig
-from .bench import COMPILED, SEQUENTIAL, compile_mode, environment, fastest, prefill_rows, speedups, timer
+from .bench import (COMPILED, SEQUENTIAL, compiled_blocks, environment, fastest, prefill_rows, speedups,
+                    timer)
 from .names import plan_name
 from .speculation import Speculation, speculative_plans, speculative_rows
 
@@ -175,8 +175,7 @@ def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.P
     timed = timer(device)
     variants = [(model, False, "")]
     if graphed:
-        mode = compile_mode(device)
-        variants.append((copy.deepcopy(model).compile_blocks(mode), True, " graphed"))
+        variants.append((compiled_blocks(model, device), True, " graphed"))
     rows, groups, reference = [], [], None
     for runner, static, suffix in variants:
         group = []
@@ -246,8 +245,7 @@ def compiled_blocks_rows(model: GPT, idx: torch.Tensor, plans: dict[str, snlp.Pl
                          progress=print) -> list[dict]:
     """The sequential forward and the plans on a copy of the model whose blocks run compiled (GPT.compile_blocks;
     CUDA graphs on GPU): each row's first call, which compiles its shapes, is timed apart as compile_s."""
-    mode = compile_mode(idx.device)
-    twin = copy.deepcopy(model).compile_blocks(mode)
+    twin = compiled_blocks(model, idx.device)
     timed = timer(idx.device)
     compile_s = {}
     with torch.inference_mode():
