@@ -120,3 +120,45 @@ def test_compiled_blocks_give_the_eager_logits():
     assert 0 < sequential_graphs < counters["stats"]["unique_graphs"]
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_long_rows_keeps_the_values_and_makes_the_longer_side_contiguous():
+    from models.nanochat.block import long_rows
+
+    wide = torch.randn(3, 8, 4, dtype=torch.float64)  # (n, out, in) with out > in: stored input-major
+    laid = long_rows(wide)
+    assert laid.shape == wide.shape and torch.equal(laid, wide)
+    assert laid.transpose(-1, -2).is_contiguous() and not laid.is_contiguous()
+    narrow = torch.randn(3, 4, 8, dtype=torch.float64)
+    assert long_rows(narrow) is narrow  # out <= in: already contiguous along its longer side
+
+
+def test_inference_weights_on_the_cpu_are_stored_with_long_rows():
+    """What decoding multiplies by one vector per step, laid out by `long_rows`: the QKV and c_fc projections and
+    the lm_head (wider outputs than inputs) input-major, the output projections as they are."""
+    model = random_model(tiny_config(), seed=9)
+    with torch.no_grad():
+        model(tokens(1, 4, seed=9))
+        for w in (model.block_weights(slice(0, 1)), model.segment_weights(2, 2)):
+            assert w.attn.c_qkv.transpose(-1, -2).is_contiguous() and w.mlp.c_fc.transpose(-1, -2).is_contiguous()
+            assert w.mlp.c_proj.is_contiguous()
+        assert model._head_weight().transpose(-1, -2).is_contiguous()
+        torch.testing.assert_close(model._head_weight(), model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_keys_and_values_alone_are_those_of_the_whole_block():
+    """block_kv (a decoding cache's recompute) projects only keys and values, from the prepared QKV's rows after
+    the queries': with grouped-query attention (more query heads than key heads) the offset matters."""
+    from models.nanochat.block import block_forward, block_kv
+
+    model = random_model(tiny_config(), seed=10)
+    emb = model.embed(tokens(2, 6, seed=10))
+    h = torch.randn(4, *emb.x0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        weights = model.segment_weights(2)
+        assert weights.attn.c_q.shape[1] != weights.attn.c_k.shape[1]
+        ctx = emb.context(2).select(slice(0, 4))
+        whole = block_forward(weights, h, ctx)
+        k, v = block_kv(weights, h, ctx)
+    torch.testing.assert_close(k, whole.k, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, whole.v, rtol=1e-12, atol=1e-12)
