@@ -9,6 +9,7 @@ import torch
 import layersolve as ls
 from helpers import random_model, tiny_config, tokens
 from models import snlp
+from models.inference.decode import generate
 
 PLAN = snlp.Plan(n_par=4, jacobian=ls.Identity(), iters=2, fuse=2)
 
@@ -133,17 +134,38 @@ def test_long_rows_keeps_the_values_and_makes_the_longer_side_contiguous():
     assert long_rows(narrow) is narrow  # out <= in: already contiguous along its longer side
 
 
-def test_inference_weights_on_the_cpu_are_stored_with_long_rows():
-    """What decoding multiplies by one vector per step, laid out by `long_rows`: the QKV and c_fc projections and
-    the lm_head (wider outputs than inputs) input-major, the output projections as they are."""
+def test_decoding_weights_on_the_cpu_are_stored_with_long_rows():
+    """What a decoding step multiplies by a vector, laid out by `long_rows`: the QKV and c_fc projections and the
+    lm_head (wider outputs than inputs) input-major, the output projections as they are. A prefill keeps the
+    parameters' layout."""
     model = random_model(tiny_config(), seed=9)
     with torch.no_grad():
-        model(tokens(1, 4, seed=9))
-        for w in (model.block_weights(slice(0, 1)), model.segment_weights(2, 2)):
-            assert w.attn.c_qkv.transpose(-1, -2).is_contiguous() and w.mlp.c_fc.transpose(-1, -2).is_contiguous()
-            assert w.mlp.c_proj.is_contiguous()
-        assert model._head_weight().transpose(-1, -2).is_contiguous()
-        torch.testing.assert_close(model._head_weight(), model.lm_head.weight, rtol=0, atol=0)
+        model(tokens(1, 2, seed=9))  # the store's first refresh empties it
+        for vectors in (True, False):
+            for w in (model.block_weights(slice(0, 1), vectors), model.segment_weights(2, 2, vectors=vectors)):
+                if vectors:
+                    assert w.attn.c_qkv.transpose(-1, -2).is_contiguous()
+                    assert w.mlp.c_fc.transpose(-1, -2).is_contiguous()
+                else:
+                    assert w.attn.c_qkv.is_contiguous() and w.mlp.c_fc.is_contiguous()
+                assert w.mlp.c_proj.is_contiguous()
+        head = model._head_weight(True)
+        assert head.transpose(-1, -2).is_contiguous() and model._head_weight(False) is model.lm_head.weight
+        torch.testing.assert_close(head, model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_decoding_steps_use_the_vector_layout_and_prefills_the_parameters(monkeypatch):
+    from models.nanochat import gpt
+
+    built, prepare = [], gpt.for_inference
+    monkeypatch.setattr(gpt, "for_inference", lambda w, vectors: built.append(vectors) or prepare(w, vectors))
+    model = random_model(tiny_config(), seed=9)
+    with torch.no_grad():
+        generate(model, tokens(1, gpt.VECTOR_ROWS, seed=9), 2, plan=PLAN)
+        assert built and all(built)
+        built.clear()
+        snlp.forward(model, tokens(1, gpt.VECTOR_ROWS + 1, seed=9), PLAN)
+        assert built and not any(built)
 
 
 def test_keys_and_values_alone_are_those_of_the_whole_block():

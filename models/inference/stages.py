@@ -28,7 +28,7 @@ import torch
 import layersolve as ls
 
 from ..nanochat.block import BlockWeights, Context, KVCache, block_kv
-from ..nanochat.gpt import GPT, Embedded
+from ..nanochat.gpt import GPT, Embedded, few_rows
 
 GAINS = {ls.Identity: 1.0, ls.Zero: 0.0}  # the stage-level surrogates that act on a state as a scalar
 
@@ -97,7 +97,7 @@ class Stage:
               stop: int | None = None) -> list[torch.Tensor]:
         """The stage's states from its input h: [h, the output of its first block, ..., its output], or only the
         first `stop` + 1 of them. With a cache, each block attends to its cached keys and stores these tokens'."""
-        states, units = [h], self._units()
+        states, units = [h], self._units(few_rows(h))
         for j, i in enumerate(self.blocks[:stop]):
             states.append(self.model.block(i, states[-1], None, cache, ctx, unit=j, weights=units[j]))
         return states
@@ -105,17 +105,17 @@ class Stage:
     def keys_values(self, inputs: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values (size, B, KV, T, hd) the stage's blocks compute from their inputs (size, *state), in
         one batched call over the stacked weights."""
-        return block_kv(self._stacked(), inputs, ctx.select(slice(0, self.size)))
+        return block_kv(self._stacked(few_rows(inputs[0])), inputs, ctx.select(slice(0, self.size)))
 
-    def _stacked(self) -> BlockWeights:
-        return self.model.block_weights(slice(self.blocks.start, self.blocks.stop))
+    def _stacked(self, vectors: bool) -> BlockWeights:
+        return self.model.block_weights(slice(self.blocks.start, self.blocks.stop), vectors)
 
-    def _units(self) -> list[BlockWeights]:
+    def _units(self, vectors: bool) -> list[BlockWeights]:
         """Each block's weights as views of the stage's stack, which `keys_values` reads: one copy of the stage in
         memory, not two (with a second copy, a decoding step took 22 ms instead of 17 at L24 D256, most likely in
         cache misses: each rank's stage evaluation slowed from about 12 ms to 15)."""
-        stacked = self._stacked()
-        return self.model.prepared.get(("stage units", self.blocks.start, self.blocks.stop),
+        stacked = self._stacked(vectors)
+        return self.model.prepared.get(("stage units", self.blocks.start, self.blocks.stop, vectors),
                                        lambda: [stacked[j:j + 1] for j in range(self.size)])
 
     # -- the head side --------------------------------------------------------------------------------------------

@@ -125,12 +125,13 @@ class BlockWeights:
         return _combine([self], lambda ts: ts[0][layers])
 
 
-def for_inference(w: BlockWeights) -> BlockWeights:
+def for_inference(w: BlockWeights, vectors: bool = False) -> BlockWeights:
     """The weights as prepared (inference) weights store them, copied once: c_q, c_k, c_v also concatenated into
-    c_qkv, so that one matmul projects all three; on the CPU, every projection laid out by `long_rows`."""
+    c_qkv, so that one matmul projects all three. With `vectors` (weights for products over a few token rows, such
+    as decoding steps), on the CPU every projection is laid out by `long_rows`."""
     a = w.attn
     qkv = torch.cat([a.c_q, a.c_k, a.c_v], dim=1)
-    if qkv.device.type != "cpu":
+    if not (vectors and qkv.device.type == "cpu"):
         return replace(w, attn=replace(a, c_qkv=qkv))
     return replace(w, attn=replace(a, c_qkv=long_rows(qkv), c_proj=long_rows(a.c_proj)),
                    mlp=MLPWeights(long_rows(w.mlp.c_fc), long_rows(w.mlp.c_proj)))
@@ -140,12 +141,11 @@ def long_rows(w: Tensor) -> Tensor:
     """A weight (..., out, in) with the same shape and values, stored so that its longer side is contiguous: when
     out > in, input-major (the transpose contiguous), else as it is.
 
-    Why: a decoding step multiplies each weight by one vector, and reads every weight from memory rather than cache
+    Why: a decoding step multiplies each weight by a vector, and reads every weight from memory rather than cache
     (a step's weights outgrow the cache). MKL's matrix-vector product streams such a weight several times faster
     along the longer side. Measured on a 2-core EPYC, float32, weights out of cache, out-major -> input-major:
     lm_head 8192 x 128 663 -> 220 us, 8192 x 256 1165 -> 439 us; c_fc 512 x 128 40 -> 28 us, 1024 x 256 146 -> 91 us;
-    but c_proj 128 x 512 31 -> 41 us, which stays out-major. Products over many tokens (prefill) run at the same
-    speed in either layout."""
+    but c_proj 128 x 512 31 -> 41 us, which stays out-major."""
     if w.shape[-2] <= w.shape[-1]:
         return w
     return w.transpose(-1, -2).contiguous().transpose(-1, -2)

@@ -33,6 +33,17 @@ from .system import BlockSystem
 SOFTCAP = 15.0
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding
 RECOMPILE_LIMIT = 64  # compiled block shapes kept per process (compile_blocks)
+# A product over at most this many token rows per layer (a decoding step, a speculative draft's verification, a
+# short prompt) reads each weight from memory for a few vectors, and on the CPU runs faster on weights laid out by
+# `long_rows`: 1.1-2.8x at 1 to 32 rows, out of cache, on the 2-core EPYC. Wider products (prefill) keep the
+# parameters' layout: there the two layouts run at the same speed, except where MKL picks a slow kernel for one of
+# them (a fused chunk's QKV, 3 x 768 x 128 over 256 rows: 1.2 ms as the parameters lie, 4.0 ms input-major).
+VECTOR_ROWS = 32
+
+
+def few_rows(x: torch.Tensor) -> bool:
+    """Whether a product over the token rows of x (..., D) multiplies its weights as a few vectors (VECTOR_ROWS)."""
+    return x.numel() <= VECTOR_ROWS * x.shape[-1]
 
 
 class Linear(nn.Linear):
@@ -305,7 +316,7 @@ class GPT(nn.Module):
         `emb.context()` when the caller has it already. `unit`: the block's index in ctx and the cache when they
         cover only some layers (a stage of a split model), default i. `weights`: block i's, when the caller holds
         them as views of a larger stack. The same maths as the module's forward, with prepared weights."""
-        weights = self.block_weights(slice(i, i + 1)) if weights is None else weights
+        weights = self.block_weights(slice(i, i + 1), few_rows(h)) if weights is None else weights
         return run_block(weights, i if unit is None else unit, h, emb.context() if ctx is None else ctx, cache,
                          self._forward_with(cache))
 
@@ -319,11 +330,12 @@ class GPT(nn.Module):
             trace.append(self.block(i, trace[-1], emb, cache, ctx, unit=i - start))
         return trace
 
-    def block_weights(self, layers: slice) -> BlockWeights:
+    def block_weights(self, layers: slice, vectors: bool = False) -> BlockWeights:
         """The blocks of the slice as stacked weights (views when it holds one block; differentiable with grad
-        enabled, else prepared once: see prepared.py)."""
+        enabled, else prepared once: see prepared.py), for products over a few token rows with `vectors`."""
         first, stop, _ = layers.indices(self.config.n_layer)
-        return self.prepared.get(("blocks", first, stop), lambda: self._prepare(self._stacked(first, stop)))
+        return self.prepared.get(("blocks", first, stop, vectors),
+                                 lambda: self._prepare(self._stacked(first, stop), vectors))
 
     def _stacked(self, first: int, stop: int) -> BlockWeights:
         return cat_weights([self.transformer.h[i].weights(*self.lambdas(slice(i, i + 1))) for i in range(first, stop)])
@@ -344,39 +356,42 @@ class GPT(nn.Module):
             return SOFTCAP * torch.tanh(at_least_float32(self.lm_head(x)[..., :self.config.vocab_size]) / SOFTCAP)
         # inference: the softcap's division on the D-wide state, before the head, and its tanh and product in place:
         # one tensor of B x T x V instead of three (the softcap took a tenth of a prefill's time)
-        logits = at_least_float32(F.linear(x / SOFTCAP, self._head_weight().to(x.dtype))[..., :self.config.vocab_size])
+        w = self._head_weight(few_rows(x)).to(x.dtype)
+        logits = at_least_float32(F.linear(x / SOFTCAP, w)[..., :self.config.vocab_size])
         return logits.tanh_().mul_(SOFTCAP)
 
-    def _head_weight(self) -> torch.Tensor:
-        """The lm_head's weight for inference: on the CPU laid out by `long_rows`, prepared once (a decoding step's
-        head read 3x faster: a fifth of a step at L12 D128). A compiled head reads the parameter: inductor plans its
-        own layouts."""
+    def _head_weight(self, vectors: bool) -> torch.Tensor:
+        """The lm_head's weight for inference; for a few token rows (`vectors`) on the CPU laid out by `long_rows`,
+        prepared once: a decoding step's head reads it 3x faster, a tenth of a step at L12 D128. A compiled head
+        reads the parameter: inductor plans its own layouts."""
         w = self.lm_head.weight
-        if w.device.type != "cpu" or torch.compiler.is_compiling():
+        if not vectors or w.device.type != "cpu" or torch.compiler.is_compiling():
             return w
         return self.prepared.get(("lm_head",), lambda: long_rows(w))
 
     # -- the layer-parallel view (system.py) -------------------------------------------------------------------------
 
-    def segment_weights(self, start: int, fuse: int = 1, stop: int | None = None) -> BlockWeights:
-        """The blocks start .. stop - 1 (default: to the last), stacked, and fused `fuse` at a time."""
+    def segment_weights(self, start: int, fuse: int = 1, stop: int | None = None,
+                        vectors: bool = False) -> BlockWeights:
+        """The blocks start .. stop - 1 (default: to the last), stacked, and fused `fuse` at a time; for products
+        over a few token rows with `vectors`."""
         stop = self.config.n_layer if stop is None else stop
-        return self.prepared.get(("segment", start, stop, fuse),
-                                 lambda: self._prepare(fuse_weights(self._stacked(start, stop), fuse)))
+        return self.prepared.get(("segment", start, stop, fuse, vectors),
+                                 lambda: self._prepare(fuse_weights(self._stacked(start, stop), fuse), vectors))
 
     @staticmethod
-    def _prepare(w: BlockWeights) -> BlockWeights:
+    def _prepare(w: BlockWeights, vectors: bool) -> BlockWeights:
         """Weights to be stored for inference get their one-matmul QKV and their layout (`for_inference`); with
         grad enabled (nothing is stored) these copies would be made at every forward, so training uses the
         parameters as they are."""
-        return w if torch.is_grad_enabled() else for_inference(w)
+        return w if torch.is_grad_enabled() else for_inference(w, vectors)
 
     def layer_system(self, emb: Embedded, start: int = 0, fuse: int = 1, weights: BlockWeights | None = None,
                      past: KVCache | None = None, stop: int | None = None) -> BlockSystem:
         """The residual equation of the blocks start .. stop - 1 (default: to the last), fused `fuse` at a time,
         for layersolve. `weights`: those units' `segment_weights` when the caller has them already; `past`: their
         KV cache when decoding."""
-        weights = self.segment_weights(start, fuse, stop) if weights is None else weights
+        weights = self.segment_weights(start, fuse, stop, few_rows(emb.x0)) if weights is None else weights
         return BlockSystem(weights, emb.context(start, fuse, stop), past, self._forward_with(past))
 
     def _forward_with(self, cache: KVCache | None):
