@@ -174,6 +174,17 @@ def test_graphed_decode_rows_and_the_fastest_baseline(tiny_model, graphed):
     assert all(r["baseline"] == base["case"] and r["speedup"] == base["median_s"] / r["median_s"] for r in rows)
 
 
+def test_compiled_blocks_rows_time_the_forward_and_the_plans_on_compiled_blocks(tiny_model):
+    """The CPU preset's compiled-blocks rows: the sequential forward and each plan on a compiled copy, the first
+    call (compilation) timed apart, the mode named."""
+    idx = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    preset = suite.Preset(shapes=(), dtype=torch.float32, head_dim=64, warmup=0, repeats=1)
+    rows = suite.compiled_blocks_rows(tiny_model, idx, {"IDN n2 K1": snlp.Plan(n_par=2, iters=1)}, preset,
+                                      progress=lambda line: None)
+    assert [r["case"] for r in rows] == ["sequential compiled blocks", "IDN n2 K1 compiled blocks"]
+    assert all(r["compile_s"] > 0 and r["mode"] == "compile_blocks(default)" for r in rows)
+
+
 def _timing(ms: float) -> dict:
     return {"median_s": ms / 1e3, "min_s": ms / 1e3, "max_s": ms / 1e3}
 

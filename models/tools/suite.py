@@ -37,8 +37,8 @@ import layersolve as ls
 from ..inference import snlp
 from ..inference.decode import Decoder
 from ..nanochat import GPT, GPTConfig
-from .bench import (COMPILED, SEQUENTIAL, compiled_blocks, environment, fastest, prefill_rows, speedups,
-                    timer)
+from .bench import (COMPILED, SEQUENTIAL, compile_mode, compiled_blocks, environment, fastest, prefill_rows,
+                    speedups, timer)
 from .names import plan_name
 from .speculation import Speculation, speculative_plans, speculative_rows
 
@@ -253,7 +253,8 @@ def compiled_blocks_rows(model: GPT, idx: torch.Tensor, plans: dict[str, snlp.Pl
             compile_s[name] = timed(lambda: twin(idx) if plan is None else snlp.forward(twin, idx, plan))
         rows = prefill_rows(twin, idx, plans, preset.warmup, preset.repeats, lambda line: None)
     for row in rows:
-        row["compile_s"], row["mode"] = compile_s[row["case"]], f"compile_blocks({mode or 'default'})"
+        row["compile_s"] = compile_s[row["case"]]
+        row["mode"] = f"compile_blocks({compile_mode(idx.device) or 'default'})"
         row["case"] += " compiled blocks"
         progress(f"  {row['case']}: {row['median_s'] * 1e3:.1f} ms (compile {row['compile_s']:.1f} s)")
     return rows
