@@ -185,6 +185,23 @@ def test_compiled_blocks_rows_time_the_forward_and_the_plans_on_compiled_blocks(
     assert all(r["compile_s"] > 0 and r["mode"] == "compile_blocks(default)" for r in rows)
 
 
+def test_decode_rows_interleave_their_repeats(tiny_model, monkeypatch):
+    """One decoding of each row in turn, repeat after repeat (a drift in the machine's speed falls on every row
+    alike), then one more of each for its tokens."""
+    made = []
+
+    class Recording(suite.Decoder):
+        def __init__(self, model, plan=None, **kwargs):
+            made.append("sequential" if plan is None else "IDN")
+            super().__init__(model, plan, **kwargs)
+
+    monkeypatch.setattr(suite, "Decoder", Recording)
+    rates = suite.Rates(matmul_flops=1e9, copy_bytes=1e9)
+    suite.decode_rows(tiny_model, 1, 2, {"IDN n2 K1": snlp.Plan(n_par=2)}, warmup=0, repeats=3, rates=rates,
+                      progress=lambda line: None)
+    assert made == ["sequential", "IDN"] * 4
+
+
 def _timing(ms: float) -> dict:
     return {"median_s": ms / 1e3, "min_s": ms / 1e3, "max_s": ms / 1e3}
 

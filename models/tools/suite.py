@@ -168,42 +168,50 @@ def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.P
     """Per-token time of greedy decoding after a prompt, sequential (the first row) and with each plan; the
     accuracy column compares each row's tokens with the first row's. graphed ("all", "sequential" or ""): those
     rows again on a copy of the model with compiled blocks (CUDA graphs on GPU) and static caches, each with its
-    compile time apart (the first decoding, which compiles the prompt's and a step's shapes). Every speedup is over
-    the faster of eager and graphed sequential decoding."""
+    compile time apart (the first decoding, which compiles the prompt's and a step's shapes). Repeats are interleaved
+    over the rows, as prefill's are. Every speedup is over the faster of eager and graphed sequential decoding."""
     device = model.lm_head.weight.device
     prompt = decode_prompt(model, batch)
     timed = timer(device)
     variants = [(model, False, "")]
     if graphed:
         variants.append((compiled_blocks(model, device), True, " graphed"))
-    rows, groups, reference = [], [], None
-    for runner, static, suffix in variants:
-        group = []
-        for name, plan in {SEQUENTIAL: None, **(plans if not static or graphed == "all" else {})}.items():
-            def run():
-                decoder = Decoder(runner, plan, capacity=PROMPT + new_tokens, static=static)
-                return decoder.generate(prompt, new_tokens), decoder.results
+    cases = [(f"decode b{batch} {name}{suffix}", runner, plan, static) for runner, static, suffix in variants
+             for name, plan in {SEQUENTIAL: None, **(plans if not static or graphed == "all" else {})}.items()]
 
-            with torch.inference_mode():
-                compile_s = timed(run) if static else None
-                for _ in range(warmup):
-                    run()
-                times = [timed(run) / new_tokens for _ in range(repeats)]
-                tokens, results = run()
-            reference = tokens if reference is None else reference
-            row = {"case": f"decode b{batch} {name}{suffix}", "median_s": statistics.median(times),
-                   "min_s": min(times), "max_s": max(times),
-                   "token_agreement": float((tokens == reference).float().mean()), **_memory(device),
-                   **roofline(model.config, plan, batch, PROMPT + new_tokens / 2, model.dtype.itemsize, rates)}
-            if compile_s is not None:
-                row["compile_s"] = compile_s
-            if results:
-                row["result"] = ls.Result.worst(results).name
-            group.append(row)
-            progress(f"  {row['case']}: {row['median_s'] * 1e3:.2f} ms/token")
-        groups.append(group)
-        rows += group
-    return _speedups(rows, fastest(rows, tuple(group[0]["case"] for group in groups)))
+    def run(runner, plan, static):
+        decoder = Decoder(runner, plan, capacity=PROMPT + new_tokens, static=static)
+        return decoder.generate(prompt, new_tokens), decoder.results
+
+    with torch.inference_mode():
+        compile_s = {case: timed(lambda: run(*rest)) for case, *rest in cases if rest[-1]}  # the first call compiles
+        for case, *rest in cases:
+            for _ in range(warmup):
+                run(*rest)
+        # interleaved, one call of each case in turn: a drift in the machine's speed falls on every case alike
+        times = {case: [] for case, *_ in cases}
+        for _ in range(repeats):
+            for case, *rest in cases:
+                times[case].append(timed(lambda: run(*rest)) / new_tokens)
+        outputs = {}
+        for case, *rest in cases:  # the tokens, and on a GPU the case's own peak memory
+            _memory(device)
+            outputs[case] = (*run(*rest), _memory(device))
+    rows, reference = [], None
+    for case, _, plan, _ in cases:
+        tokens, results, memory = outputs[case]
+        reference = tokens if reference is None else reference
+        row = {"case": case, "median_s": statistics.median(times[case]), "min_s": min(times[case]),
+               "max_s": max(times[case]), "token_agreement": float((tokens == reference).float().mean()), **memory,
+               **roofline(model.config, plan, batch, PROMPT + new_tokens / 2, model.dtype.itemsize, rates)}
+        if case in compile_s:
+            row["compile_s"] = compile_s[case]
+        if results:
+            row["result"] = ls.Result.worst(results).name
+        rows.append(row)
+        progress(f"  {row['case']}: {row['median_s'] * 1e3:.2f} ms/token")
+    sequential = tuple(case for case, _, plan, _ in cases if plan is None)  # eager, and graphed when timed
+    return _speedups(rows, fastest(rows, sequential))
 
 
 def decode_prompt(model: GPT, batch: int) -> torch.Tensor:
