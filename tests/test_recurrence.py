@@ -112,7 +112,7 @@ def test_layer_norms_of_float32_stacks_survive_overflow_and_underflow(scale):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
-def test_layer_norms_reduce_again_only_the_layers_that_need_it():
+def test_layer_norms_reduce_again_the_layers_that_need_it():
     """One stack with a layer whose float32 squares underflow, an ordinary one, a zero one and one whose squares
     overflow: each norm matches float64's."""
     x = torch.cat([tensor((1, 4, 6000), 6, scale) for scale in (1e-30, 1.0, 0.0, 1e25)])

@@ -35,7 +35,7 @@ SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embeddi
 RECOMPILE_LIMIT = 64  # compiled block shapes kept per process (compile_blocks)
 # A product over at most this many token rows per layer (a decoding step, a speculative draft's verification, a
 # short prompt) reads each weight from memory for a few vectors, and on the CPU runs faster on weights laid out by
-# `long_rows`: 1.1-2.8x at 1 to 32 rows, out of cache, on the 2-core EPYC. Wider products (prefill) keep the
+# `long_rows`: 1.03-2.8x at 1 to 32 rows, out of cache, on the 2-core EPYC. Wider products (prefill) keep the
 # parameters' layout: there the two layouts run at the same speed, except where MKL picks a slow kernel for one of
 # them (a fused chunk's QKV, 3 x 768 x 128 over 256 rows: 1.2 ms as the parameters lie, 4.0 ms input-major).
 VECTOR_ROWS = 32
