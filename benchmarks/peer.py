@@ -8,8 +8,8 @@ a tokenizer, so a stub stands in for `nanochat.tokenizer` rather than installing
 
 Setup (as in the issue that asked for it): float32, nanochat GPT without x0 / resid blend and value embeddings,
 full windows, n_par = L / 2, the same weights (ours saved, loaded into the peer's GPT). Rows interleave the two
-codes repeat by repeat, so drift of the machine hits both alike; the table reports medians and the speed ratio
-peer time / our time (> 1: ours is faster).
+codes call by call, alternating which runs first; the table reports median times and the speed, the median over
+rounds of peer time / our time within a round (> 1: ours is faster).
 
 Whole calls as a user makes them, in each context a user writes: under `torch.no_grad()`, under
 `torch.inference_mode()`, and (decoding) with no context at all. The published functions enter inference mode
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import layersolve as ls  # noqa: E402
 from models import nanochat, snlp  # noqa: E402
 from models.inference.decode import generate  # noqa: E402
-from models.tools.bench import environment, timer  # noqa: E402
+from models.tools.bench import environment, interleaved, timer  # noqa: E402
 
 SHAPES = [(12, 128, 256), (24, 256, 512)]  # (layers, width, tokens)
 # the caller's context -> whether prefill rows are timed in it (a forward with grad enabled builds a graph: training)
@@ -73,21 +73,18 @@ def twin_models(peer_gpt, layers: int, width: int, tokens: int):
 
 
 def side_by_side(cases: dict[str, tuple], repeats: int) -> dict[str, dict]:
-    """cases: name -> (ours, peer) callables. Interleaved: repeat r runs every case of both codes once."""
-    timed = timer(torch.device("cpu"))
-    for ours, peer in cases.values():  # warm-up
-        for _ in range(2):
-            ours(), peer()
-    times = {name: ([], []) for name in cases}
-    for _ in range(repeats):
-        for name, (ours, peer) in cases.items():
-            times[name][0].append(timed(ours))
-            times[name][1].append(timed(peer))
+    """cases: name -> (ours, peer) callables, timed `interleaved`: each round runs every call once, our call and the
+    peer's side by side, rounds alternating direction (so each code runs first in half the pairs). The speed is the
+    median of the per-round ratios: a pair's two calls run within a second, so a drift of this shared machine's
+    speed between rounds (10-20% over minutes, measured) cancels in each ratio."""
+    calls = {(name, code): call for name, pair in cases.items() for code, call in zip(("ours", "peer"), pair)}
+    times = interleaved(calls, timer(torch.device("cpu")), warmup=2, repeats=repeats)
     rows = {}
-    for name, (a, b) in times.items():
+    for name in cases:
+        a, b = times[name, "ours"], times[name, "peer"]
         rows[name] = {"ours_ms": 1e3 * statistics.median(a), "peer_ms": 1e3 * statistics.median(b),
-                      "ours_spread_ms": [1e3 * min(a), 1e3 * max(a)], "peer_spread_ms": [1e3 * min(b), 1e3 * max(b)]}
-        rows[name]["speed"] = rows[name]["peer_ms"] / rows[name]["ours_ms"]
+                      "ours_spread_ms": [1e3 * min(a), 1e3 * max(a)], "peer_spread_ms": [1e3 * min(b), 1e3 * max(b)],
+                      "speed": statistics.median(p / o for o, p in zip(a, b))}
     return rows
 
 
@@ -156,8 +153,8 @@ def main(argv=None) -> None:
                     row[key + "_per_token"] = row[key] / args.new_tokens
             rows.update(decode)
             results["shapes"][name][context] = rows
-            lines += ["", f"{name}, {context}  (median of {args.repeats}; decode rows per token; speed = peer time / "
-                      "our time, > 1: ours is faster)"]
+            lines += ["", f"{name}, {context}  (median of {args.repeats}; decode rows per token; speed = median of "
+                      "peer time / our time per round, > 1: ours is faster)"]
             for case, r in rows.items():
                 scale = args.new_tokens if case.startswith("decode") else 1
                 lines.append(f"  {case:<26} ours {r['ours_ms'] / scale:8.2f} ms   peer {r['peer_ms'] / scale:8.2f} ms"

@@ -10,7 +10,7 @@ import enum
 import functools
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -111,6 +111,13 @@ class Stats:
                      exact_prefix=prefix, contraction=largest("contraction", rows - 1, math.nan),
                      **{name: max(getattr(s, name) for s in records) for name in _COUNTS},
                      prefix_tol=records[0].prefix_tol)
+
+    def clone(self) -> Stats:
+        """The same record over tensors of its own: ordinary tensors where this record's were made under
+        `torch.inference_mode` (inference tensors refuse in-place updates outside it)."""
+        return replace(self, residual=self.residual.clone(), exact_prefix=self.exact_prefix.clone(),
+                       contraction=self.contraction.clone(), error=None if self.error is None else self.error.clone(),
+                       segments=tuple(s.clone() for s in self.segments))
 
     def final_residual(self) -> float:
         """Largest relative residual of the last evaluated iterate."""

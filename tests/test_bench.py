@@ -185,9 +185,18 @@ def test_compiled_blocks_rows_time_the_forward_and_the_plans_on_compiled_blocks(
     assert all(r["compile_s"] > 0 and r["mode"] == "compile_blocks(default)" for r in rows)
 
 
+def test_interleaved_rounds_alternate_direction():
+    """One call of each in turn, repeat after repeat, each round the reverse of the one before; warm-up first."""
+    made = []
+    calls = {name: (lambda name=name: made.append(name)) for name in "abc"}
+    times = bench.interleaved(calls, timed=lambda call: call() or len(made), warmup=1, repeats=3)
+    assert "".join(made) == "abc" + "abc" + "cba" + "abc"
+    assert times == {"a": [4, 9, 10], "b": [5, 8, 11], "c": [6, 7, 12]}
+
+
 def test_decode_rows_interleave_their_repeats(tiny_model, monkeypatch):
     """One decoding of each row in turn, repeat after repeat (a drift in the machine's speed falls on every row
-    alike), then one more of each for its tokens."""
+    alike), the rounds alternating direction, then one more of each for its tokens."""
     made = []
 
     class Recording(suite.Decoder):
@@ -199,7 +208,7 @@ def test_decode_rows_interleave_their_repeats(tiny_model, monkeypatch):
     rates = suite.Rates(matmul_flops=1e9, copy_bytes=1e9)
     suite.decode_rows(tiny_model, 1, 2, {"IDN n2 K1": snlp.Plan(n_par=2)}, warmup=0, repeats=3, rates=rates,
                       progress=lambda line: None)
-    assert made == ["sequential", "IDN"] * 4
+    assert made == ["sequential", "IDN", "IDN", "sequential", "sequential", "IDN", "sequential", "IDN"]
 
 
 def _timing(ms: float) -> dict:

@@ -1,6 +1,7 @@
 """Result, Stats and SolveError as data."""
 
 import pytest
+import torch
 
 import layersolve as ls
 from helpers import random_state, residual_system
@@ -33,3 +34,20 @@ def test_summary_and_error_carry_the_stats():
     assert info.value.stats.iterations == 1
     assert "MAX_ITERS" in str(info.value) and "iterate 1" in str(info.value)
     assert sol.output.shape == h0.shape
+
+
+def test_a_clone_of_inference_stats_is_ordinary_and_equal():
+    """A solve run under inference_mode (as a model's forward runs its layers under no_grad) records inference
+    tensors; the clone, made outside, holds ordinary ones, segments included, with the same numbers."""
+    system, h0 = residual_system(6, 3, seed=2), random_state((3,), seed=2)
+    with torch.inference_mode():
+        stats = ls.solve(system, h0, schedule=ls.Schedule((ls.Parallel(3), ls.Parallel(3))), iters=1,
+                         reference=system.sequential(h0)).stats
+    copy = stats.clone()
+    assert len(copy.segments) == 2
+    for record, original in ((copy, stats), *zip(copy.segments, stats.segments)):
+        for name in ("residual", "error", "exact_prefix", "contraction"):
+            tensor = getattr(record, name)
+            assert not tensor.is_inference(), name
+            torch.testing.assert_close(tensor, getattr(original, name), equal_nan=True, rtol=0, atol=0)
+            tensor.add_(0)  # in place, outside inference mode: refused for an inference tensor

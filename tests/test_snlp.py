@@ -242,3 +242,21 @@ def test_evaluating_the_tail_in_groups_changes_nothing(monkeypatch, fuse):
     grouped_decoder.step(idx)
     torch.testing.assert_close(grouped, batched, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grouped_decoder.segment.k, decoder.segment.k, rtol=1e-12, atol=1e-12)
+
+
+def test_under_no_grad_the_outputs_are_ordinary_tensors():
+    """Under no_grad the layers run in inference mode, for its speed, but the caller gets ordinary tensors back
+    (it can update them in place) with the numbers a forward with grad enabled gives, and so does a solve's error."""
+    model, wild = random_model(tiny_config(), seed=13), random_model(tiny_config(), seed=0, scale=3.0)
+    idx = tokens(1, 8, seed=13)
+    plan = snlp.Plan(n_par=4, iters=2)
+    with torch.no_grad():
+        out, logits = snlp.forward(model, idx, plan), model(idx)
+        with pytest.raises(ls.SolveError) as info:
+            snlp.forward(wild, idx, snlp.Plan(n_par=6, jacobian=ls.Diagonal(probes=1), iters=6))
+    torch.testing.assert_close(out.logits, snlp.forward(model, idx, plan).logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits, model(idx), rtol=1e-12, atol=1e-12)
+    for name, tensor in {"logits": out.logits, "stats": out.stats.residual, "model logits": logits,
+                         "error's stats": info.value.stats.residual}.items():
+        assert not tensor.is_inference(), name
+        tensor.add_(0)  # in place, outside inference mode: refused for an inference tensor

@@ -16,7 +16,7 @@ import torch
 
 import layersolve as ls
 
-from ..nanochat.block import KVCache
+from ..nanochat.block import KVCache, inference_unless_grad
 from ..nanochat.gpt import GPT, Embedded
 from ..nanochat.system import BlockSystem
 
@@ -146,9 +146,13 @@ def forward(model: GPT, idx: torch.Tensor, plan: Plan, throw: bool = True,
     """The layer-parallel forward. `throw`: raise `ls.SolveError` when the solve fails (else report it in the
     output's `result`). `reference`: the segment's exact trace (from `sequential_trace`), to record errors per
     iterate in the stats."""
-    segment = prepare(model, model.embed(idx), plan)
-    sol = segment.solve(reference, throw)
-    return Output(segment.logits(sol.trace), sol.result, sol.stats)
+    with inference_unless_grad():  # the caller's context stays: the head, outside, returns ordinary tensors
+        segment = prepare(model, model.embed(idx), plan)
+        sol = segment.solve(reference, throw=False)
+    stats = sol.stats.clone()
+    if throw and not sol.result.ok:
+        raise ls.SolveError(sol.result, stats)
+    return Output(segment.logits(sol.trace), sol.result, stats)
 
 
 def sequential_trace(model: GPT, idx: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import (VE_GATE_CHANNELS, AttentionWeights, BlockWeights, Context, KVCache, MLPWeights, at_least_float32,
-                    attention, block_forward, cat_weights, for_inference, long_rows, mlp, norm, rotary_tables,
-                    run_block)
+                    attention, block_forward, cat_weights, for_inference, inference_unless_grad, long_rows, mlp, norm,
+                    rotary_tables, run_block)
 from .config import GPTConfig, has_ve, window_sizes
 from .fusion import fuse_value_embeddings, fuse_weights
 from .mhc import HyperConnection
@@ -230,8 +230,9 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """The sequential forward: logits (B, T, vocab_size)."""
-        emb = self.embed(idx)  # x0 (B, T, D), or (B, S, T, D) with mHC
-        trace = self.trace(emb)  # h_0 .. h_L
+        with inference_unless_grad():  # the head, outside, returns ordinary tensors
+            emb = self.embed(idx)  # x0 (B, T, D), or (B, S, T, D) with mHC
+            trace = self.trace(emb)  # h_0 .. h_L
         return self.head(trace[-1], trace[self.backout_layer])
 
     # -- the embedding side: tokens -> x0 -------------------------------------------------------------------------
@@ -354,11 +355,13 @@ class GPT(nn.Module):
         x = norm(last - self.backout_lambda.to(last.dtype) * backout)
         if torch.is_grad_enabled():
             return SOFTCAP * torch.tanh(at_least_float32(self.lm_head(x)[..., :self.config.vocab_size]) / SOFTCAP)
-        # inference: the softcap's division on the D-wide state, before the head, and its tanh and product in place:
-        # one tensor of B x T x V instead of three (the softcap took a tenth of a prefill's time)
+        # inference: c tanh(z / c) = 2c (sigmoid(2z / c) - 1/2), with c = SOFTCAP. The scaling 2 / c goes on the
+        # D-wide state, before the head, and the rest runs in place: one tensor of B x T x V instead of three. On the
+        # CPU, torch's sigmoid runs 5x faster than its tanh (4M logits: 1.3 ms against 7 ms on the 2-core EPYC), and
+        # the softcap took a fifth of an L12 D128 prefill; the identity's rounding is an ulp of c (1e-6).
         w = self._head_weight(few_rows(x)).to(x.dtype)
-        logits = at_least_float32(F.linear(x / SOFTCAP, w)[..., :self.config.vocab_size])
-        return logits.tanh_().mul_(SOFTCAP)
+        logits = at_least_float32(F.linear(x * (2 / SOFTCAP), w)[..., :self.config.vocab_size])
+        return logits.sigmoid_().sub_(0.5).mul_(2 * SOFTCAP)
 
     def _head_weight(self, vectors: bool) -> torch.Tensor:
         """The lm_head's weight for inference; for a few token rows (`vectors`) on the CPU laid out by `long_rows`,

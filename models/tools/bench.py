@@ -88,14 +88,16 @@ def timer(device: torch.device):
 
 def interleaved(calls: Mapping[str, Callable[[], object]], timed, warmup: int, repeats: int) -> dict[str, list]:
     """Seconds per call of each named call: `warmup` untimed calls each, then `repeats` rounds of one timed call
-    of each in turn, so that a drift in the machine's speed falls on every call alike."""
+    of each in turn, so that a drift in the machine's speed falls on every call alike. Rounds alternate direction
+    (A B C, then C B A), so that what a call leaves behind (the allocator's free lists, the caches) precedes each
+    call as often as it follows it, and neighbours in `calls` run first equally often."""
     for call in calls.values():
         for _ in range(warmup):
             call()
     times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            times[name].append(timed(call))
+    for r in range(repeats):
+        for name in (list(calls) if r % 2 == 0 else reversed(list(calls))):
+            times[name].append(timed(calls[name]))
     return times
 
 

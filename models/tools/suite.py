@@ -27,6 +27,7 @@ Byte model (stated, rough): each block evaluation reads the block's weights once
 
 from __future__ import annotations
 
+import functools
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -37,8 +38,8 @@ import layersolve as ls
 from ..inference import snlp
 from ..inference.decode import Decoder
 from ..nanochat import GPT, GPTConfig
-from .bench import (COMPILED, SEQUENTIAL, compile_mode, compiled_blocks, environment, fastest, prefill_rows,
-                    speedups, timer)
+from .bench import (COMPILED, SEQUENTIAL, compile_mode, compiled_blocks, environment, fastest, interleaved,
+                    prefill_rows, speedups, timer)
 from .names import plan_name
 from .speculation import Speculation, speculative_plans, speculative_rows
 
@@ -186,14 +187,8 @@ def decode_rows(model: GPT, batch: int, new_tokens: int, plans: dict[str, snlp.P
     with torch.inference_mode():
         # a graphed case's first call compiles its shapes: timed apart
         compile_s = {case: timed(lambda: run(runner, plan, static)) for case, runner, plan, static in cases if static}
-        for case, *rest in cases:
-            for _ in range(warmup):
-                run(*rest)
-        # interleaved, one call of each case in turn: a drift in the machine's speed falls on every case alike
-        times = {case: [] for case, *_ in cases}
-        for _ in range(repeats):
-            for case, *rest in cases:
-                times[case].append(timed(lambda: run(*rest)) / new_tokens)
+        calls = {case: functools.partial(run, *rest) for case, *rest in cases}
+        times = {case: [t / new_tokens for t in ts] for case, ts in interleaved(calls, timed, warmup, repeats).items()}
         outputs = {}
         for case, *rest in cases:  # the tokens, and on a GPU the case's own peak memory
             _memory(device)
