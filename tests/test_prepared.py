@@ -49,6 +49,14 @@ def test_moving_the_model_invalidates_what_was_prepared():
     assert out.dtype == torch.float32 and model.segment_weights(2, 2).attn.c_q.dtype == torch.float32
 
 
+def test_a_model_built_in_inference_mode_is_refused_with_a_reason():
+    """Its parameters are inference tensors, without the version counter that tells the store of a change."""
+    with torch.inference_mode():
+        model = random_model(tiny_config(), seed=3)
+        with pytest.raises(ValueError, match="parameters are inference tensors .* build and load it outside"):
+            model(tokens(1, 8))
+
+
 def test_training_builds_fresh_weights_that_carry_the_gradient():
     model = random_model(tiny_config(), seed=4).requires_grad_(True)
     idx = tokens(2, 16, seed=4)
@@ -121,6 +129,19 @@ def test_compiled_blocks_give_the_eager_logits():
     assert 0 < sequential_graphs < counters["stats"]["unique_graphs"]
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_the_compiled_forward_is_one_graph(context):
+    """torch.compile of the whole model (the bench's "sequential compiled" baseline) traces the forward without a
+    graph break once its weights are prepared: a break splits it into per-block frames, each recompiled per layer,
+    which past the recompile limit run eagerly."""
+    model = random_model(tiny_config(n_layer=4), seed=9, dtype=torch.float32)
+    idx = tokens(1, 16, seed=9)
+    with context():
+        model(idx)  # prepares the weights, as the bench's eager reference call does
+        explained = torch._dynamo.explain(model)(idx)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_long_rows_keeps_the_values_and_makes_the_longer_side_contiguous():

@@ -14,7 +14,6 @@ mid-depth state, a vocabulary padded to a multiple of 64, logit softcap 15.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -127,14 +126,16 @@ class Embedded:
     """The token side of a forward: x0 (B, T, D), or (B, S, T, D) with mHC (the streams replicated), the value
     embeddings of every layer (L, B, T, KV*hd) with zeros on layers without them (None with no_ve; a stage of a
     split model holds only its own layers', indexed from its first), the rotary tables of the tokens' positions,
-    their first position, and the last token's normed embedding (for the smear of the next token when decoding; None
-    where the embedding is not computed)."""
+    their first position and every position (T,) as a tensor (what a static KV cache's step reads), and the last
+    token's normed embedding (for the smear of the next token when decoding; None where the embedding is not
+    computed)."""
 
     x0: torch.Tensor
     ve: torch.Tensor | None
     cos: torch.Tensor
     sin: torch.Tensor
     position: int
+    positions: torch.Tensor
     last_embedding: torch.Tensor | None
 
     def context(self, start: int = 0, fuse: int = 1, stop: int | None = None) -> Context:
@@ -142,11 +143,6 @@ class Embedded:
         fused (fusion.py). The default is every block of the model."""
         ve = None if self.ve is None else fuse_value_embeddings(self.ve[start:stop], fuse)
         return Context(self.x0, ve, self.cos, self.sin, self.position, self.positions)
-
-    @functools.cached_property
-    def positions(self) -> torch.Tensor:
-        """The tokens' positions (T,) as a tensor, what a static KV cache's step reads instead of `position`."""
-        return torch.arange(self.position, self.position + self.cos.shape[0], device=self.x0.device)
 
 
 class GPT(nn.Module):
@@ -290,7 +286,10 @@ class GPT(nn.Module):
         T = idx.shape[1]
         cos = self.cos[position:position + T, None].to(x0.dtype)
         sin = self.sin[position:position + T, None].to(x0.dtype)
-        return Embedded(x0, ve, cos, sin, position, last)
+        # the positions as a tensor here, not cached on first use: Python 3.11's functools.cached_property takes a
+        # lock, which torch.compile cannot trace (a graph break in every compiled forward)
+        positions = torch.arange(position, position + T, device=x0.device)
+        return Embedded(x0, ve, cos, sin, position, positions, last)
 
     # -- the blocks: h_l = f_l(h_{l-1}) ---------------------------------------------------------------------------
 

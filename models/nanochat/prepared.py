@@ -29,7 +29,15 @@ class Prepared:
 
     def refresh(self, parameters: Iterable[torch.Tensor]) -> None:
         """Empty the store if any of the model's parameters moved or changed in place since the last refresh."""
-        signature = tuple((p.data_ptr(), p._version) for p in parameters)
+        parameters = tuple(parameters)
+        try:
+            signature = tuple((p.data_ptr(), p._version) for p in parameters)
+        except RuntimeError:  # inference tensors have no version counter: a change in place would go unseen
+            if any(p.is_inference() for p in parameters):
+                raise ValueError("the model's parameters are inference tensors (the model was built or loaded under "
+                                 "torch.inference_mode): build and load it outside, then run it under "
+                                 "inference_mode") from None
+            raise
         if signature != self._signature:
             self._items.clear()
             self._signature = signature
