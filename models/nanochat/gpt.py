@@ -31,7 +31,7 @@ from .system import BlockSystem
 
 SOFTCAP = 15.0
 SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the embedding
-RECOMPILE_LIMIT = 64  # compiled block shapes kept per process (compile_blocks)
+RECOMPILE_LIMIT = 64  # compiled variants of a function kept per process (keep_compiled_variants)
 # A product over at most this many token rows per layer (a decoding step, a speculative draft's verification, a
 # short prompt) reads each weight from memory for a few vectors, and on the CPU runs faster on weights laid out by
 # `long_rows`: 1.03-2.8x at 1 to 32 rows, out of cache, on the 2-core EPYC. Wider products (prefill) keep the
@@ -145,6 +145,13 @@ class Embedded:
         return Context(self.x0, ve, self.cos, self.sin, self.position, self.positions)
 
 
+def keep_compiled_variants() -> None:
+    """Let dynamo keep RECOMPILE_LIMIT compiled variants of each function in this process. It keeps 8 by default,
+    then silently runs the function eagerly: a process that compiles several models (a bench: one per shape, mHC,
+    trained models) or many shapes passes 8 quickly, and its later compiled rows would time eager code."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -178,9 +185,8 @@ class GPT(nn.Module):
         replays CUDA graphs on a GPU; on the CPU it adds nothing. Decoding runs compiled with a static cache
         (`Decoder(..., static=True)`), whose steps all have one shape; with the default dynamic cache every step's
         cache length would be a new shape, so it stays eager. Returns the model."""
-        # dynamo keeps compiled variants per function, 8 by default, then silently runs eagerly; the sequential
-        # block, the tail's unit counts (and CPU groups), fused chunks, prompt and step shapes pass that quickly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        keep_compiled_variants()  # the sequential block, the tail's unit counts (and CPU groups), fused chunks,
+        # prompt and step shapes
         self.block_forward = torch.compile(block_forward, mode=mode, dynamic=False)
         # the head too: its softcap over the vocabulary (three passes over B x T x V eagerly) is a fifth to a half
         # of an eager prefill at these widths

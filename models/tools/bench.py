@@ -19,6 +19,7 @@ import layersolve as ls
 
 from ..inference import snlp
 from ..nanochat import GPT
+from ..nanochat.gpt import keep_compiled_variants
 
 def environment(device: torch.device) -> dict:
     """Where a measurement ran: the device's name (and driver on CUDA), the library versions, the CPU threads."""
@@ -133,6 +134,7 @@ def prefill_rows(model: GPT, idx: torch.Tensor, plans: Mapping[str, snlp.Plan], 
     sequential = {SEQUENTIAL: lambda: (model(idx), None)}
     compile_s = None
     if compile:
+        keep_compiled_variants()  # this process's earlier models compiled the same forward
         fn = torch.compile(model, mode=compile_mode(idx.device))
         try:
             compile_s = timed(lambda: fn(idx))
